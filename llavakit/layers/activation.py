@@ -1,0 +1,34 @@
+"""Activation functions by their config names."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuickGELU(nn.Module):
+    """CLIP's x * sigmoid(1.702 x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {
+    "quick_gelu": QuickGELU,
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "relu": nn.ReLU,
+}
+
+
+def get_activation(name: str) -> nn.Module:
+    """The activation module a config's `hidden_act` names."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: silu(gate) * up."""
+    return F.silu(gate) * up

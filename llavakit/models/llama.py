@@ -1,0 +1,84 @@
+"""LLaMA-family decoder (LLaMA, Vicuna, Mistral, Yi): embeddings in, final hidden states out.
+
+The LM head lives with the composite model (`compute_logits`), so the decoder can be fed embeddings
+that already hold image features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llavakit.config import TextConfig
+from llavakit.layers.activation import silu_and_mul
+from llavakit.layers.attention import Attention, AttentionMetadata
+from llavakit.layers.linear import linear
+from llavakit.layers.norm import RMSNorm
+from llavakit.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hk, d
+        self.q_proj = linear(cfg.hidden_size, h * d, bias=cfg.attention_bias, tp_style="column")
+        self.k_proj = linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias, tp_style="column")
+        self.v_proj = linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias, tp_style="column")
+        self.o_proj = linear(h * d, cfg.hidden_size, bias=cfg.attention_bias, tp_style="row")
+        self.attn = Attention(h, hk, d, cfg.sliding_window)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"LLaMA MLP supports hidden_act 'silu', got {cfg.hidden_act!r}")
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, tp_style="row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x, cos, sin, cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        """embeds (B, T, D), positions (B, T); kv_cache indexable by layer (or None) -> (B, T, D)."""
+        cos, sin = self.rotary_emb(positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i], meta)
+        return self.norm(x)

@@ -1,0 +1,90 @@
+"""The LLaVA composition: CLIP tower -> projector -> image features scattered into the decoder's input.
+
+Three explicit steps, used alike by the simple generate loop, the engine and training:
+`encode_images` (tower, projector, AnyRes merge) -> `embed_inputs` (masked scatter with a count check)
+-> `forward` (decoder) -> `compute_logits`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llavakit.config import LlavaConfig
+from llavakit.geometry import anyres_grid, unpad_shape
+from llavakit.layers.attention import AttentionMetadata
+from llavakit.layers.linear import linear
+from llavakit.models.clip import CLIPVisionTower
+from llavakit.models.llama import LlamaModel
+from llavakit.models.projector import Projector
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    """One class for LLaVA-1.5, LLaVA-NeXT (AnyRes) and LLaVAR-style variants."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = CLIPVisionTower(cfg.vision, cfg.feature_layers)
+        self.projector = Projector(cfg.mm_hidden_size, cfg.text.hidden_size, cfg.projector_depth, cfg.projector_bias)
+        self.language_model = LlamaModel(cfg.text)
+        self.lm_head = linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, tp_style="column")
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        if cfg.patch_merge_type == "spatial_unpad":
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
+
+    def encode_images(self, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Per image: pixel values (tiles, C, S, S) and original (height, width) -> features (tokens, D).
+
+        All tiles of all images go through the tower in one batch.
+        """
+        counts = [p.shape[0] for p in pixel_values]
+        feats = self.vision_tower(torch.cat(pixel_values))  # (N, 1 + P, C)
+        if self.cfg.vision_feature_select == "default":
+            feats = feats[:, 1:]
+        feats = self.projector(feats)  # (N, P, D)
+        return [self._merge(f, size) for f, size in zip(feats.split(counts), image_sizes)]
+
+    def _merge(self, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(1 + tiles, P, D) -> (tokens, D): base image first, then the tile grid (AnyRes)."""
+        merge = self.cfg.patch_merge_type
+        if merge == "flat":
+            return feats.flatten(0, 1)
+        if feats.shape[0] == 1:
+            return torch.cat([feats[0], self.image_newline[None].to(feats)]) if merge == "spatial_unpad" else feats[0]
+        g = self.cfg.vision.grid_size
+        rows, cols = anyres_grid(image_hw, self.cfg.image.pinpoints, self.cfg.vision.image_size)
+        if rows * cols != feats.shape[0] - 1:
+            raise ValueError(f"image of size {image_hw} should have {rows}x{cols} tiles, got {feats.shape[0] - 1}")
+        d = feats.shape[-1]
+        grid = feats[1:].view(rows, cols, g, g, d).permute(0, 2, 1, 3, 4).reshape(rows * g, cols * g, d)
+        if merge == "spatial_unpad":
+            top, bottom, left, right = unpad_shape(image_hw, (rows * g, cols * g))
+            grid = grid[top:bottom, left:right]
+            newline = self.image_newline.to(grid).expand(grid.shape[0], 1, d)
+            grid = torch.cat([grid, newline], dim=1)  # a newline embedding ends every row
+        return torch.cat([feats[0], grid.flatten(0, 1)])
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids (B, T) with one placeholder per image feature -> embeddings (B, T, D)."""
+        mask = input_ids == self.cfg.image_token_id
+        n_slots = int(mask.sum())
+        n_feats = sum(f.shape[0] for f in image_features or [])
+        if n_slots != n_feats:
+            raise ValueError(f"the input has {n_slots} image placeholder tokens but the images give {n_feats} "
+                             "features; build input ids with the model's tokenize() so the counts agree")
+        embeds = self.language_model.embed_tokens(torch.where(mask, 0, input_ids))
+        if n_feats:
+            feats = torch.cat(image_features).to(embeds.dtype)
+            embeds = embeds.masked_scatter(mask[..., None], feats)
+        return embeds
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache=None,
+                meta: AttentionMetadata | None = None) -> torch.Tensor:
+        """embeds (B, T, D), positions (B, T) -> final hidden states (B, T, D)."""
+        return self.language_model(embeds, positions, kv_cache, meta or AttentionMetadata())
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., vocab)."""
+        return self.lm_head(hidden)

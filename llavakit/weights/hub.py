@@ -1,0 +1,31 @@
+"""Model names -> local checkpoint directories: a directory as is, a hub id through huggingface_hub
+(its cache, HF_HOME and HF_HUB_OFFLINE apply)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from llavakit.weights.files import WeightsError
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+
+
+def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
+    """A local directory holding the checkpoint `name` (a path or a hub id such as org/model)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if not _REPO_ID.match(str(name)):
+        raise WeightsError(f"model {str(name)!r} is not a directory and not a hub id (org/name); "
+                           "pass a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name), revision=revision, allow_patterns=_PATTERNS))
+    except Exception as e:  # network down, offline and not cached, unknown repo, gated repo...
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WeightsError(f"model {name!r} is not a local directory and could not be fetched from the hub "
+                           f"({reason}); download it where the network allows "
+                           f"(huggingface-cli download {name}) or pass a local directory") from None

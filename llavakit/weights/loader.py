@@ -1,0 +1,112 @@
+"""Build a model on the meta device and fill it from checkpoint files, tensor by tensor.
+
+No parameter is ever allocated twice: the model starts without storage, and each checkpoint tensor
+(memory-mapped from its file) is converted to the target dtype/device and becomes the parameter.
+A parameter may carry a `weight_loader(param, tensor) -> tensor` (tensor parallelism slices there);
+the default only checks the shape.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llavakit.config import LlavaConfig, vision_tower_missing_message
+from llavakit.layers.rotary import RotaryEmbedding
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.weights.files import WeightsError, find_weight_files, iter_tensors
+from llavakit.weights.name_maps import LAYOUTS, detect_layout, is_unused, map_name
+
+_LIST_LIMIT = 12
+
+
+def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Whole-tensor load: the shapes must agree."""
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise ValueError(f"expected shape {tuple(param.shape)}, checkpoint has {tuple(tensor.shape)}")
+    return tensor
+
+
+def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: torch.device) -> LlavaForConditionalGeneration:
+    """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed)."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    files = find_weight_files(directory)
+    sources = [(files, None)]
+    if cfg.vision_tower_dir:
+        sources.append((find_weight_files(Path(cfg.vision_tower_dir)), "clip"))
+    loaded = _fill(model, sources, cfg, dtype, device)
+    _check_complete(model, loaded, cfg)
+    _finish(model, cfg, device)
+    return model.eval()
+
+
+def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str]:
+    params = dict(model.named_parameters())
+    built = len(model.vision_tower.encoder.layers)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for files, layout in sources:
+        entries = list(iter_tensors(files))
+        rules = LAYOUTS[layout or detect_layout([n for n, _ in entries], cfg.layout)]
+        for name, get in tqdm(entries, desc=f"loading {files[0].parent.name}", unit="tensor", disable=None,
+                              leave=False):
+            try:
+                target = map_name(name, rules)
+            except KeyError:
+                unexpected.append(name)
+                continue
+            if target is None or target in loaded or is_unused(target, built):
+                continue
+            if target not in params:
+                if target == "lm_head.weight" and cfg.text.tie_word_embeddings:
+                    continue
+                unexpected.append(name)
+                continue
+            _set_param(model, target, params[target], get(), dtype, device)
+            loaded.add(target)
+    if unexpected:
+        raise WeightsError(f"checkpoint has {len(unexpected)} tensors this model does not have: "
+                           f"{_short_list(unexpected)}; is config.json the one that belongs to these weights?")
+    return loaded
+
+
+def _set_param(model: nn.Module, target: str, param: nn.Parameter, tensor: torch.Tensor, dtype, device) -> None:
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        tensor = loader(param, tensor)
+    except ValueError as e:
+        raise WeightsError(f"tensor {target}: {e}; the weights do not match config.json") from None
+    value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    module_name, _, attr = target.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+
+
+def _check_complete(model: nn.Module, loaded: set[str], cfg: LlavaConfig) -> None:
+    missing = [n for n, p in model.named_parameters() if n not in loaded]
+    if not missing:
+        return
+    if cfg.layout == "original" and all(n.startswith("vision_tower.") for n in missing):
+        raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
+    raise WeightsError(f"checkpoint lacks {len(missing)} tensors the model needs: {_short_list(missing)}; "
+                       "the download may be incomplete or config.json may describe another model")
+
+
+def _finish(model: LlavaForConditionalGeneration, cfg: LlavaConfig, device) -> None:
+    """Re-tie the LM head and materialize computed buffers on the device."""
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not leftover, f"tensors left on the meta device: {leftover}"
+
+
+def _short_list(names: list[str]) -> str:
+    more = f" (+{len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else ""
+    return ", ".join(names[:_LIST_LIMIT]) + more
