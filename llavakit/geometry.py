@@ -21,12 +21,17 @@ def select_best_resolution(image_hw: tuple[int, int], pinpoints: list[tuple[int,
 
 
 def fit_size(image_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """Size of the image resized to fit inside target keeping its aspect: the limiting side exact."""
+    """(h, w) scaled to fit `target_hw` keeping aspect: the limiting side exact, the other rounded up.
+
+    The scale is taken first and then multiplied, as LLaVA-NeXT and transformers do; the float error
+    matters: 2000x1500 into 672x672 gives ceil(1500 * 0.336) = ceil(504.00000000000006) = 505, not 504.
+    """
     h, w = image_hw
     th, tw = target_hw
-    if tw / w < th / h:
-        return min(math.ceil(h * tw / w), th), tw
-    return th, min(math.ceil(w * th / h), tw)
+    scale_h, scale_w = th / h, tw / w
+    if scale_w < scale_h:
+        return min(math.ceil(h * scale_w), th), tw
+    return th, min(math.ceil(w * scale_h), tw)
 
 
 def anyres_grid(image_hw: tuple[int, int], pinpoints: list[tuple[int, int]], tile: int) -> tuple[int, int]:

@@ -87,6 +87,8 @@ def write_hf_checkpoint(model, directory: Path, layout: str = "hub", processor: 
         model.save_pretrained(directory)
     else:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.text_config.tie_word_embeddings:  # tied checkpoints store the embedding once
+            state.pop("lm_head.weight")
         if layout == "hub":
             state = {_hub_name(k): v for k, v in state.items()}
         _save_state(state, directory, shards)
@@ -135,6 +137,8 @@ def write_original_checkpoint(model, directory: Path, tower_dir: Path | None, *,
         elif k.startswith("model.multi_modal_projector."):
             rest = k[len("model.multi_modal_projector."):]
             idx = {"linear_1": "0", "linear_2": "2"}[rest.split(".")[0]]
+            if projector == "linear" and idx == "2":
+                continue
             name = rest.split(".", 1)[1] if projector == "linear" else f"{idx}.{rest.split('.', 1)[1]}"
             state["model.mm_projector." + name] = v
         elif k == "model.image_newline":

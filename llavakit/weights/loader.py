@@ -34,14 +34,35 @@ def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: to
     """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed)."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
-    files = find_weight_files(directory)
-    sources = [(files, None)]
+    sources = [_source(directory, cfg.layout)]
     if cfg.vision_tower_dir:
-        sources.append((find_weight_files(Path(cfg.vision_tower_dir)), "clip"))
+        sources.append(_source(Path(cfg.vision_tower_dir), "clip"))
+    if not any(_maps_to_tower(entries, rules) for _, entries, rules in sources):
+        raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
     loaded = _fill(model, sources, cfg, dtype, device)
+    if cfg.text.tie_word_embeddings:  # the embedding was replaced: point the head at the new tensor
+        model.lm_head.weight = model.language_model.embed_tokens.weight
     _check_complete(model, loaded, cfg)
-    _finish(model, cfg, device)
+    _materialize_buffers(model, device)
     return model.eval()
+
+
+def _source(directory: Path, layout: str):
+    """(directory, [(name, getter)], name rules) for one checkpoint directory."""
+    entries = list(iter_tensors(find_weight_files(directory)))
+    if layout != "clip":
+        layout = detect_layout([n for n, _ in entries], layout)
+    return directory, entries, LAYOUTS[layout]
+
+
+def _maps_to_tower(entries, rules) -> bool:
+    for name, _ in entries:
+        try:
+            if (map_name(name, rules) or "").startswith("vision_tower."):
+                return True
+        except KeyError:
+            pass
+    return False
 
 
 def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str]:
@@ -49,11 +70,8 @@ def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str
     built = len(model.vision_tower.encoder.layers)
     loaded: set[str] = set()
     unexpected: list[str] = []
-    for files, layout in sources:
-        entries = list(iter_tensors(files))
-        rules = LAYOUTS[layout or detect_layout([n for n, _ in entries], cfg.layout)]
-        for name, get in tqdm(entries, desc=f"loading {files[0].parent.name}", unit="tensor", disable=None,
-                              leave=False):
+    for directory, entries, rules in sources:
+        for name, get in tqdm(entries, desc=f"loading {directory.name}", unit="tensor", disable=None, leave=False):
             try:
                 target = map_name(name, rules)
             except KeyError:
@@ -96,10 +114,8 @@ def _check_complete(model: nn.Module, loaded: set[str], cfg: LlavaConfig) -> Non
                        "the download may be incomplete or config.json may describe another model")
 
 
-def _finish(model: LlavaForConditionalGeneration, cfg: LlavaConfig, device) -> None:
-    """Re-tie the LM head and materialize computed buffers on the device."""
-    if cfg.text.tie_word_embeddings:
-        model.lm_head.weight = model.language_model.embed_tokens.weight
+def _materialize_buffers(model: LlavaForConditionalGeneration, device) -> None:
+    """Computed buffers were built on the meta device; compute them on the target device."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.reset_buffers(device)

@@ -1,0 +1,304 @@
+"""The one guarded way llavakit reads media bytes: http(s) URLs, base64 data: URLs and local paths.
+
+Every image URL a user or client hands us comes through `fetch_url`, which defends against the
+attacks LLaVA servers see (SPEC §7): server-side request forgery (internal addresses, also reached via
+redirects or DNS rebinding), other URL schemes, unbounded downloads and slow-drip connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_CHUNK = 64 * 1024
+# The well-known NAT64 prefix embeds an IPv4 address in its low 32 bits (RFC 6052).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class MediaError(ValueError):
+    """Media could not be read; the message says what is wrong and what to do."""
+
+
+@dataclass(slots=True)
+class FetchPolicy:
+    """Limits for reading media. Servers keep the defaults; tests allow private networks to reach
+    127.0.0.1. `allow_local_files=False` makes `read_source` refuse plain paths (servers should set it)."""
+
+    max_bytes: int = 20 * 2**20
+    connect_timeout: float = 5.0
+    total_timeout: float = 20.0
+    max_redirects: int = 3
+    allow_private_networks: bool = False
+    user_agent: str = "llavakit"
+    allow_local_files: bool = True
+
+    def __post_init__(self):
+        if self.max_bytes <= 0:
+            raise ValueError(f"FetchPolicy.max_bytes must be positive, got {self.max_bytes}")
+        if self.connect_timeout <= 0 or self.total_timeout <= 0:
+            raise ValueError(f"FetchPolicy timeouts must be positive, got connect {self.connect_timeout}, "
+                             f"total {self.total_timeout}")
+        if self.max_redirects < 0:
+            raise ValueError(f"FetchPolicy.max_redirects must be >= 0, got {self.max_redirects}")
+
+
+@dataclass(slots=True)
+class _Target:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def _short(url: str, limit: int = 100) -> str:
+    """A URL fit for an error message (data: URLs and long query strings are cut)."""
+    return url if len(url) <= limit else url[:limit] + "..."
+
+
+def _parse_http_url(url: str) -> _Target:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise MediaError(f"malformed URL {_short(url)!r} ({e}); pass a valid http(s) URL") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise MediaError(f"URL scheme {scheme or '(none)'!r} is not allowed in {_short(url)!r}; "
+                         "only http and https URLs can be fetched")
+    if not parts.hostname:
+        raise MediaError(f"URL {_short(url)!r} has no host name; pass an absolute http(s) URL")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(scheme, parts.hostname, port or (443 if scheme == "https" else 80), path)
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address tunnels to (mapped, NAT64, 6to4), which is what gets reached."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+def is_public_address(address: str) -> bool:
+    """True if `address` (an IP literal) is a global unicast address on the public internet."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = _embedded_ipv4(ip) or ip
+    # is_global alone lets IPv4 multicast through, so every special range is checked explicitly.
+    special = (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+               or ip.is_reserved or ip.is_unspecified)
+    return ip.is_global and not special
+
+
+def check_address(host: str, port: int, policy: FetchPolicy) -> str:
+    """Resolve `host` once and return the IP to connect to. Unless the policy allows private networks,
+    refuse if ANY resolved address is not public, so a mixed DNS answer cannot sneak one in."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise MediaError(f"could not resolve host {host!r}; check the URL's host name") from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses:
+        raise MediaError(f"host {host!r} has no addresses; check the URL's host name")
+    if not policy.allow_private_networks:
+        for address in addresses:
+            if not is_public_address(address):
+                raise MediaError(f"host {host!r} resolves to {address}, which is not a public internet "
+                                 "address; image URLs must point at public servers")
+    return addresses[0]
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to the already-checked IP instead of resolving the host again (DNS rebinding)."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._ip = ip
+        self.pinned_sock: socket.socket | None = None
+
+    def connect(self):
+        self.sock = self.pinned_sock = socket.create_connection((self._ip, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to the checked IP; the certificate is still verified against the host name."""
+
+    def __init__(self, host: str, port: int, ip: str, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._ip = ip
+        self.pinned_sock: socket.socket | None = None
+
+    def connect(self):
+        sock = socket.create_connection((self._ip, self.port), self.timeout)
+        self.sock = self.pinned_sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def _abort(conn: _PinnedHTTPConnection | _PinnedHTTPSConnection) -> None:
+    """Watchdog action: unblock any read in progress so the total deadline holds even against a
+    server that drips one byte at a time (a per-read socket timeout never fires then). `pinned_sock`,
+    not `conn.sock`: http.client drops the latter once a `Connection: close` response is being read."""
+    sock = conn.pinned_sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _check_length(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy) -> int | None:
+    announced = resp.getheader("Content-Length")
+    if announced is None:
+        return None
+    try:
+        length = int(announced)
+    except ValueError:
+        raise MediaError(f"{_short(url)!r} sent an invalid Content-Length {announced!r}") from None
+    if length > policy.max_bytes:
+        raise MediaError(f"{_short(url)!r} is {length} bytes, over the {policy.max_bytes}-byte limit; "
+                         "use a smaller image or raise FetchPolicy.max_bytes")
+    return length
+
+
+def _read_capped(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy, deadline: float) -> bytes:
+    """Read the body in chunks, stopping as soon as it passes the cap or the deadline."""
+    chunks, total = [], 0
+    while chunk := resp.read1(_CHUNK):
+        total += len(chunk)
+        if total > policy.max_bytes:
+            raise MediaError(f"{_short(url)!r} sent more than the {policy.max_bytes}-byte limit; "
+                             "use a smaller image or raise FetchPolicy.max_bytes")
+        if time.monotonic() >= deadline:
+            raise TimeoutError
+        chunks.append(chunk)
+    # The watchdog ends a stalled read by shutting the socket, which looks like a normal end of body.
+    if time.monotonic() >= deadline:
+        raise TimeoutError
+    return b"".join(chunks)
+
+
+def _exchange(conn: http.client.HTTPConnection, target: _Target, url: str, policy: FetchPolicy,
+              deadline: float) -> tuple[str | None, bytes]:
+    """One GET: (redirect location, b"") for a redirect, else (None, body)."""
+    # identity encoding: the byte cap must count what we keep, not a compressed size.
+    headers = {"User-Agent": policy.user_agent, "Accept-Encoding": "identity",
+               "Accept": "image/*, */*;q=0.5", "Connection": "close"}
+    conn.request("GET", target.path, headers=headers)
+    with conn.getresponse() as resp:
+        return _handle_response(resp, url, policy, deadline)
+
+
+def _handle_response(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy,
+                     deadline: float) -> tuple[str | None, bytes]:
+    if resp.status in REDIRECT_STATUSES:
+        location = resp.getheader("Location")
+        if not location:
+            raise MediaError(f"{_short(url)!r} answered {resp.status} without a Location header")
+        return urljoin(url, location), b""
+    if not 200 <= resp.status < 300:
+        raise MediaError(f"{_short(url)!r} answered HTTP {resp.status} {resp.reason}; check that the URL "
+                         "points at an image that is publicly readable")
+    length = _check_length(resp, url, policy)
+    body = _read_capped(resp, url, policy, deadline)
+    if length is not None and len(body) != length:
+        raise MediaError(f"{_short(url)!r} closed the connection after {len(body)} of {length} bytes; retry")
+    return None, body
+
+
+def _get_once(url: str, policy: FetchPolicy, deadline: float) -> tuple[str | None, bytes]:
+    target = _parse_http_url(url)
+    ip = check_address(target.host, target.port, policy)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise MediaError(f"fetching {_short(url)!r} took longer than {policy.total_timeout}s")
+    cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
+    conn = cls(target.host, target.port, ip, timeout=min(policy.connect_timeout, remaining))
+    watchdog = threading.Timer(remaining, _abort, (conn,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return _exchange(conn, target, url, policy, deadline)
+    except (OSError, http.client.HTTPException) as e:
+        if time.monotonic() >= deadline or isinstance(e, TimeoutError):
+            raise MediaError(f"fetching {_short(url)!r} took longer than {policy.total_timeout}s (or the "
+                             f"connection stalled); use a faster host or raise the timeouts") from None
+        raise MediaError(f"could not fetch {_short(url)!r} ({type(e).__name__}); check that the server "
+                         "is reachable") from None
+    finally:
+        watchdog.cancel()
+        conn.close()
+
+
+def fetch_url(url: str, policy: FetchPolicy | None = None) -> bytes:
+    """GET an http(s) URL under `policy`: every hop's host is resolved once, checked, and connected to
+    by that exact IP; redirects are followed by hand (each re-checked); the body is capped while it
+    streams; the whole fetch, redirects included, must finish within `policy.total_timeout`."""
+    policy = policy or FetchPolicy()
+    deadline = time.monotonic() + policy.total_timeout
+    current = url
+    for _ in range(policy.max_redirects + 1):
+        location, body = _get_once(current, policy, deadline)
+        if location is None:
+            return body
+        current = location
+    raise MediaError(f"{_short(url)!r} redirected more than {policy.max_redirects} times; "
+                     "pass the final URL or raise FetchPolicy.max_redirects")
+
+
+def decode_data_url(url: str, max_bytes: int) -> bytes:
+    """Decode `data:[mime][;base64],payload`, checking the decoded size against `max_bytes` before
+    decoding so an oversized payload costs no extra memory."""
+    header, sep, payload = url.partition(",")
+    if not header.lower().startswith("data:") or not sep:
+        raise MediaError("malformed data URL: expected 'data:[<mime>][;base64],<data>'")
+    if not header.lower().endswith(";base64"):
+        data = unquote_to_bytes(payload)
+        if len(data) > max_bytes:
+            raise MediaError(f"data URL holds {len(data)} bytes, over the {max_bytes}-byte limit")
+        return data
+    payload = "".join(payload.split())  # clients wrap long base64 lines
+    size = len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("=")))
+    if size > max_bytes:
+        raise MediaError(f"data URL holds about {size} bytes, over the {max_bytes}-byte limit; "
+                         "send a smaller image")
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("data URL payload is not valid base64; encode the image with standard base64") from None
+
+
+def _read_local(path: str, policy: FetchPolicy) -> bytes:
+    if not policy.allow_local_files:
+        raise MediaError("local file paths are not accepted here; pass an http(s) or data: URL")
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MediaError(f"image file {path!r} does not exist (or is not a file); check the path")
+    size = p.stat().st_size
+    if size > policy.max_bytes:
+        raise MediaError(f"{path!r} is {size} bytes, over the {policy.max_bytes}-byte limit; "
+                         "raise FetchPolicy.max_bytes to read it")
+    return p.read_bytes()
+
+
+def read_source(source: str, policy: FetchPolicy | None = None) -> bytes:
+    """Bytes of an http(s) URL, a data: URL or (if the policy allows) a local file path."""
+    policy = policy or FetchPolicy()
+    lowered = source[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        return fetch_url(source, policy)
+    if lowered.startswith("data:"):
+        return decode_data_url(source, policy.max_bytes)
+    scheme, sep, _ = source.partition("://")
+    if sep and scheme.isalnum():
+        raise MediaError(f"URL scheme {scheme!r} is not supported; use http(s), a data: URL or a file path")
+    return _read_local(source, policy)
