@@ -245,10 +245,9 @@ class LlavaConfig:
             raise ConfigError(f"mm_patch_merge_type {self.patch_merge_type!r} is not flat, spatial or spatial_unpad")
         if self.image.mode == "anyres" and self.patch_merge_type != "flat" and self.vision_feature_select != "default":
             raise ConfigError("AnyRes spatial merging needs vision_feature_select_strategy 'default'")
-        for layer in self.feature_layers:
-            if not -self.vision.num_hidden_layers - 1 <= layer <= self.vision.num_hidden_layers:
-                raise ConfigError(f"vision_feature_layer {layer} is outside the "
-                                  f"{self.vision.num_hidden_layers}-layer vision tower")
+        if not all(0 <= layer <= self.vision.num_hidden_layers for layer in self.feature_layers):
+            raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} is outside the "
+                              f"{self.vision.num_hidden_layers}-layer vision tower")
 
     @property
     def feature_layers(self) -> list[int]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
-import huggingface_hub
+import huggingface_hub.constants
 import pytest
 import torch
 import transformers
 from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, TILE, build_hf_model, save_tokenizer, text_config_dict,
                          write_clip_tower, write_original_checkpoint)
 from conftest import noise_image
-from test_parity import SIZE, assert_parity, our_last_logits
+from parity import SIZE, assert_parity, our_last_logits
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
