@@ -1,6 +1,7 @@
 """llavakit: LLaVA-family vision-language models — load, chat, serve, train, evaluate."""
 
-from llavakit.pipeline import GenerationOutput, Pipeline, load
+from llavakit.generation import GenerationOutput
+from llavakit.pipeline import Pipeline, load
 from llavakit.sampling import SamplingParams
 
 __all__ = ["load", "Pipeline", "GenerationOutput", "SamplingParams"]

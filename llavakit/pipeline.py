@@ -7,34 +7,22 @@ shows the exact input ids the model receives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from llavakit.config import LlavaConfig
-from llavakit.layers.attention import AttentionMetadata, KVCache
-from llavakit.layers.sampler import apply_repetition_penalty, sample_token
+from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.conversation import get_template
-from llavakit.processing.detokenizer import IncrementalDetokenizer
 from llavakit.processing.media import FetchPolicy
 from llavakit.processing.prompt import PreparedImage, PromptProcessor, default_template_name
 from llavakit.sampling import SamplingParams
 from llavakit.weights.hub import resolve_model_dir
 from llavakit.weights.loader import load_llava
-
-
-@dataclass(slots=True)
-class GenerationOutput:
-    """The generated part only: `text` (stop strings cut off) and `token_ids` (EOS included)."""
-
-    text: str
-    token_ids: list[int]
-    prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -77,12 +65,19 @@ def load(model: str | Path, dtype: str | torch.dtype = "auto", device: str | tor
     conversation template chosen from the checkpoint's files.
     """
     directory = resolve_model_dir(model, revision)
-    cfg = LlavaConfig.from_pretrained(directory, vision_tower=vision_tower)
+    processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy)
     dev = resolve_device(device)
-    net = load_llava(cfg, directory, resolve_dtype(dtype, dev), dev)
+    net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev)
+    return Pipeline(net, processor)
+
+
+def load_processor(directory: Path, *, vision_tower: str | Path | None = None, conv_mode: str | None = None,
+                   fetch_policy: FetchPolicy | None = None) -> PromptProcessor:
+    """Config, tokenizer and template of a checkpoint directory, without its weights."""
+    cfg = LlavaConfig.from_pretrained(directory, vision_tower=vision_tower)
     tokenizer = load_tokenizer(directory)
     template = get_template(conv_mode or default_template_name(cfg, tokenizer))
-    return Pipeline(net, cfg, tokenizer, PromptProcessor(cfg, tokenizer, template, fetch_policy))
+    return PromptProcessor(cfg, tokenizer, template, fetch_policy)
 
 
 def _sampling(max_new_tokens: int = 256, **kw) -> SamplingParams:
@@ -94,9 +89,9 @@ def _sampling(max_new_tokens: int = 256, **kw) -> SamplingParams:
 class Pipeline:
     """A loaded checkpoint; sampling keywords are those of SamplingParams (max_new_tokens = max_tokens)."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, cfg: LlavaConfig, tokenizer: Any,
-                 processor: PromptProcessor):
-        self.model, self.config, self.tokenizer, self.processor = model, cfg, tokenizer, processor
+    def __init__(self, model: LlavaForConditionalGeneration, processor: PromptProcessor):
+        self.model, self.processor = model, processor
+        self.config, self.tokenizer = processor.cfg, processor.tokenizer
         self.device = next(model.parameters()).device
 
     @property
@@ -110,115 +105,34 @@ class Pipeline:
     def generate(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None,
                  **sampling) -> GenerationOutput:
         """Answer `prompt` (the first user turn of the template, or verbatim with conv_mode="raw")."""
-        run = self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, sampling)
-        for _ in run:
-            pass
-        return run.output
+        return self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, conv_mode,
+                         sampling).run()
 
     def stream(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None,
                **sampling) -> Iterator[str]:
         """Like generate, yielding text as it is produced."""
-        yield from self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, sampling)
+        yield from self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, conv_mode,
+                             sampling)
 
     def chat(self, messages: list[dict[str, str]], images: list[Any] | None = None, conv_mode: str | None = None,
              **sampling) -> GenerationOutput:
         """Answer the last user message of a conversation ({"role", "content"} dicts)."""
-        run = self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, sampling)
-        for _ in run:
-            pass
-        return run.output
+        return self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, conv_mode,
+                         sampling).run()
 
     def stream_chat(self, messages: list[dict[str, str]], images: list[Any] | None = None,
                     conv_mode: str | None = None, **sampling) -> Iterator[str]:
-        yield from self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, sampling)
+        yield from self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, conv_mode,
+                             sampling)
 
     def _inputs(self, text: str, images: list[Any] | None) -> tuple[list[int], list[PreparedImage]]:
         prepared = self.processor.prepare_images(list(images or []))
         return self.processor.tokenize(text, prepared), prepared
 
-    def _run(self, text: str, images: list[Any] | None, sampling: dict) -> "_Run":
+    def _run(self, text: str, images: list[Any] | None, conv_mode: str | None, sampling: dict) -> Generation:
         params = _sampling(**sampling)
+        start = time.perf_counter()
         ids, prepared = self._inputs(text, images)
-        return _Run(self, ids, prepared, params)
-
-    @torch.inference_mode()
-    def token_stream(self, ids: list[int], images: list[PreparedImage], params: SamplingParams) -> Iterator[int]:
-        """Sampled token ids, one per step, prefilling once then decoding over a contiguous KV cache."""
-        model, cfg = self.model, self.config.text
-        limit = cfg.context_length
-        if len(ids) >= limit:
-            raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; "
-                             "shorten the text or use fewer / smaller images")
-        max_len = min(len(ids) + params.max_tokens, limit)
-        dtype = model.lm_head.weight.dtype
-        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype, self.device)
-        feats = None
-        if images:
-            feats = model.encode_images([im.pixel_values.to(self.device) for im in images], [im.size for im in images])
-        seen = torch.tensor(ids, device=self.device)
-        hidden = model(model.embed_inputs(seen[None], feats), torch.arange(len(ids), device=self.device)[None], cache)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(self.device).manual_seed(params.seed)
-        for pos in range(len(ids), max_len + 1):
-            logits = apply_repetition_penalty(model.compute_logits(hidden[0, -1]).float(), seen, params.repetition_penalty)
-            token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
-            yield token
-            if pos == max_len:
-                return
-            step = torch.tensor([[token]], device=self.device)
-            seen = torch.cat([seen, step[0]])
-            hidden = model(model.embed_inputs(step), torch.tensor([[pos]], device=self.device), cache,
-                           AttentionMetadata(start_pos=pos))
-
-
-class _Run:
-    """One generation: iterating yields text deltas; `output` holds the result when done."""
-
-    def __init__(self, pipe: Pipeline, ids: list[int], images: list[PreparedImage], params: SamplingParams):
-        self.pipe, self.ids, self.images, self.params = pipe, ids, images, params
-        self.stops = list(params.stop) + ([pipe.template.stop_str] if pipe.template.stop_str else [])
-        eos = [] if params.ignore_eos else pipe.config.text.eos_token_ids + [pipe.tokenizer.eos_token_id]
-        self.stop_ids = {i for i in eos + list(params.stop_token_ids) if i is not None}
-        self.output: GenerationOutput | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        detok = IncrementalDetokenizer(self.pipe.tokenizer)
-        tokens: list[int] = []
-        emitted, finish, cut = 0, "length", None
-        for token in self.pipe.token_stream(self.ids, self.images, self.params):
-            tokens.append(token)
-            if token in self.stop_ids:
-                finish = "stop"
-                break
-            detok.push(token)
-            cut = _find_stop(detok.text, self.stops)
-            if cut is not None:
-                finish = "stop"
-                break
-            safe = len(detok.text) - _partial_stop(detok.text, self.stops)
-            if safe > emitted:
-                yield detok.text[emitted:safe]
-                emitted = safe
-            if len(tokens) >= self.params.max_tokens:
-                break
-        text = detok.text if cut is None else detok.text[:cut]
-        if len(text) > emitted:
-            yield text[emitted:]
-        self.output = GenerationOutput(text, tokens, self.ids, finish)
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could be the start of a stop string (held back)."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+        timings = Timings(preprocess_ms=(time.perf_counter() - start) * 1e3)
+        stop = self.processor.template_for(conv_mode).stop_str if conv_mode != "raw" else self.template.stop_str
+        return Generation(self.model, self.tokenizer, ids, prepared, params, stop, timings)

@@ -68,10 +68,13 @@ class PromptProcessor:
             out.append(PreparedImage(pixels, size, n))
         return out
 
+    def template_for(self, conv_mode: str | None) -> Template:
+        """The checkpoint's template, or the one `conv_mode` names."""
+        return self.template if conv_mode is None else get_template(conv_mode)
+
     def render_messages(self, messages: list[dict[str, str]], num_images: int, conv_mode: str | None = None) -> str:
         """Template text of a conversation, with image tags added to the first user turn if absent."""
-        template = self.template if conv_mode is None else get_template(conv_mode)
-        return render(template, add_image_tags(messages, num_images, IMAGE_TAG))
+        return render(self.template_for(conv_mode), add_image_tags(messages, num_images, IMAGE_TAG))
 
     def render_prompt(self, prompt: str, num_images: int, conv_mode: str | None = None) -> str:
         """`prompt` as the first user turn of the template, or verbatim when conv_mode is "raw"."""

@@ -17,6 +17,7 @@ def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
     path = Path(name)
     if path.is_dir():
         return path
+    name = resolve_alias(name)
     if not _REPO_ID.match(str(name)):
         raise WeightsError(f"model {str(name)!r} is not a directory and not a hub id (org/name); "
                            "pass a checkpoint directory")
@@ -29,3 +30,25 @@ def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
         raise WeightsError(f"model {name!r} is not a local directory and could not be fetched from the hub "
                            f"({reason}); download it where the network allows "
                            f"(huggingface-cli download {name}) or pass a local directory") from None
+
+
+# Short names for the checkpoints the LLaVA world uses most (llava-hf layout on the hub).
+ALIASES = {
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "llava-v1.6-vicuna-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-v1.6-vicuna-13b": "llava-hf/llava-v1.6-vicuna-13b-hf",
+    "llava-v1.6-mistral-7b": "llava-hf/llava-v1.6-mistral-7b-hf",
+    "llava-v1.6-34b": "llava-hf/llava-v1.6-34b-hf",
+    "llava-next-video-7b": "llava-hf/LLaVA-NeXT-Video-7B-hf",
+    "llava-next-video-34b": "llava-hf/LLaVA-NeXT-Video-34B-hf",
+}
+for _short in list(ALIASES):  # llava-v1.5-7b and llava-1.6-vicuna-7b spell the same models
+    ALIASES[_short.replace("llava-1.5", "llava-v1.5").replace("llava-v1.6", "llava-1.6")] = ALIASES[_short]
+
+
+def resolve_alias(name: str | Path) -> str | Path:
+    """The hub id an alias stands for; anything else unchanged. A local directory always wins."""
+    if Path(name).is_dir():
+        return name
+    return ALIASES.get(str(name).lower(), name)

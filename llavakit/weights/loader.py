@@ -110,8 +110,8 @@ def _check_complete(model: nn.Module, loaded: set[str], cfg: LlavaConfig) -> Non
         return
     if cfg.layout == "original" and all(n.startswith("vision_tower.") for n in missing):
         raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
-    raise WeightsError(f"checkpoint lacks {len(missing)} tensors the model needs: {_short_list(missing)}; "
-                       "the download may be incomplete or config.json may describe another model")
+    raise WeightsError(f"checkpoint lacks {len(missing)} tensors the model needs (llavakit names): "
+                       f"{_short_list(missing)}; the download may be incomplete or config.json may describe another model")
 
 
 def _materialize_buffers(model: LlavaForConditionalGeneration, device) -> None:

@@ -1,0 +1,50 @@
+"""`llavakit`: one command for chatting with, prompting and batch-predicting LLaVA models.
+
+Exit codes: 0 success, 2 usage error, 1 runtime error (one line on stderr; --debug shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llavakit.cli import chat, generate, predict, prompt
+from llavakit.cli.common import USER_ERRORS, CliError
+
+EPILOG = """examples:
+  llavakit chat --model llava-hf/llava-1.5-7b-hf --image photo.jpg
+  llavakit generate --model ./llava-v1.6-vicuna-7b --image photo.jpg --prompt "What is this?" --json
+  llavakit predict --model llava-1.5-7b --questions q.jsonl --image-folder images/ --answers a.jsonl
+  llavakit prompt --model llava-1.5-7b "What is in the picture?"
+"""
+
+SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family vision-language models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=module.EXAMPLE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CliError, *USER_ERRORS) as e:
+        if args.debug:
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"llavakit: error: {message}", file=sys.stderr)
+        return 1

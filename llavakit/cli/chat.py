@@ -1,0 +1,115 @@
+"""`llavakit chat`: a multi-round conversation about an image, answers streamed as they are produced.
+
+At a terminal it prompts with "USER: "; with piped stdin it reads one question per line, so it can be
+scripted. Commands: /image PATH switches the image (and starts over), /reset starts over, /save FILE
+writes the conversation as JSON, Ctrl-D (end of input) exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llavakit.cli.common import CliError, add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+
+HELP = "chat about an image, several rounds, answers streamed"
+EXAMPLE = """examples:
+  llavakit chat --model llava-1.5-7b --image photo.jpg
+  printf 'What is this?\\nWhat color is it?\\n' | llavakit chat --model DIR --image photo.jpg --temperature 0
+commands inside the chat:
+  /image PATH   switch to another image (starts a new conversation)
+  /reset        start a new conversation
+  /save FILE    write the conversation as JSON
+  Ctrl-D        exit
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p, required=False)
+    p.add_argument("--image", "--image-file", dest="images", action="append", default=[], metavar="PATH_OR_URL",
+                   help="the image to talk about (repeatable for several images)")
+    add_sampling_flags(p)
+
+
+class ChatSession:
+    """The conversation state: images, messages, and the commands that change them."""
+
+    def __init__(self, pipe, images: list[str], sampling: dict, out=sys.stdout):
+        self.pipe, self.sampling, self.out = pipe, sampling, out
+        self.images = list(images)
+        self.messages: list[dict[str, str]] = []
+
+    def handle(self, line: str) -> None:
+        """One line of input: a command or a question."""
+        if line.startswith("/"):
+            self.command(line)
+        elif line.strip():
+            self.ask(line.strip())
+
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/reset":
+            self.messages = []
+            self.note("conversation reset")
+        elif name == "/image" and arg:
+            self.pipe.processor.prepare_images([arg])  # fail now, not at the next question
+            self.images, self.messages = [arg], []
+            self.note(f"image: {arg} (new conversation)")
+        elif name == "/save" and arg:
+            record = {"model": str(self.pipe.config.name_or_path), "template": self.pipe.template.name,
+                      "images": [str(i) for i in self.images], "messages": self.messages}
+            Path(arg).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            self.note(f"saved to {arg}")
+        else:
+            self.note("commands: /image PATH, /reset, /save FILE; Ctrl-D exits")
+
+    def ask(self, question: str) -> None:
+        self.messages.append({"role": "user", "content": question})
+        self.out.write("ASSISTANT: ")
+        pieces = []
+        try:
+            for piece in self.pipe.stream_chat(self.messages, images=self.images, **self.sampling):
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except BaseException:
+            self.messages.pop()  # a failed turn leaves no half question behind
+            raise
+        self.out.write("\n")
+        self.out.flush()
+        self.messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+    def note(self, text: str) -> None:
+        print(f"[{text}]", file=sys.stderr)
+
+
+def _lines(interactive: bool):
+    while True:
+        try:
+            yield input("USER: ") if interactive else next(sys.stdin).rstrip("\n")
+        except (EOFError, StopIteration):
+            return
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is None:
+        raise CliError("no --model given and the built-in demo model is not available yet; "
+                       "pass --model DIR (a checkpoint directory, hub id or alias such as llava-1.5-7b)")
+    pipe = load_pipeline(args)
+    if args.images:
+        pipe.processor.prepare_images(args.images)  # a bad image fails before the first question
+    session = ChatSession(pipe, args.images, sampling_kwargs(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("[type a question; /image PATH, /reset, /save FILE; Ctrl-D exits]", file=sys.stderr)
+    for line in _lines(interactive):
+        try:
+            session.handle(line)
+        except ValueError as e:  # a bad image or command: say so and keep chatting
+            print(f"llavakit: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            if not interactive:
+                return 1
+    return 0

@@ -1,0 +1,152 @@
+"""The plain generation loop: prefill once, then decode token by token over a contiguous KV cache.
+
+`generate_tokens` yields sampled ids; `Generation` turns them into text with stop handling and
+timings. The continuous-batching engine replaces the loop, not the model or the processing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llavakit.layers.attention import AttentionMetadata, KVCache
+from llavakit.layers.sampler import apply_repetition_penalty, sample_token
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.processing.detokenizer import IncrementalDetokenizer
+from llavakit.processing.prompt import PreparedImage
+from llavakit.sampling import SamplingParams
+
+
+@dataclass(slots=True)
+class Timings:
+    """Milliseconds spent in each phase of one generation."""
+
+    preprocess_ms: float = 0.0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class GenerationOutput:
+    """The generated part only: `text` (stop strings cut off) and `token_ids` (EOS included)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    timings: Timings = field(default_factory=Timings)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], images: list[PreparedImage],
+                    params: SamplingParams, timings: Timings | None = None) -> Iterator[int]:
+    """Sampled token ids, one per step; stops after params.max_tokens or at the context limit."""
+    cfg, device = model.cfg.text, model.lm_head.weight.device
+    timings = timings if timings is not None else Timings()
+    limit = cfg.context_length
+    if len(ids) >= limit:
+        raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; "
+                         "shorten the text or use fewer / smaller images")
+    max_len = min(len(ids) + params.max_tokens, limit)
+    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim,
+                    model.lm_head.weight.dtype, device)
+    t0 = _now(device)
+    feats = None
+    if images:
+        feats = model.encode_images([im.pixel_values.to(device) for im in images], [im.size for im in images])
+    t1 = _now(device)
+    seen = torch.tensor(ids, device=device)
+    hidden = model(model.embed_inputs(seen[None], feats), torch.arange(len(ids), device=device)[None], cache)
+    generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
+    timings.vision_ms = (t1 - t0) * 1e3
+    start = t1
+    for pos in range(len(ids), max_len + 1):
+        logits = apply_repetition_penalty(model.compute_logits(hidden[0, -1]).float(), seen, params.repetition_penalty)
+        token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
+        now = _now(device)
+        if pos == len(ids):
+            timings.prefill_ms = (now - start) * 1e3
+        else:
+            timings.decode_ms += (now - start) * 1e3
+        yield token
+        if pos == max_len:
+            return
+        start = _now(device)
+        step = torch.tensor([[token]], device=device)
+        seen = torch.cat([seen, step[0]])
+        hidden = model(model.embed_inputs(step), torch.tensor([[pos]], device=device), cache,
+                       AttentionMetadata(start_pos=pos))
+
+
+class Generation:
+    """One request: iterating yields text deltas (never a partial stop string); `output` is set at the end."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, ids: list[int],
+                 images: list[PreparedImage], params: SamplingParams, template_stop: str | None = None,
+                 timings: Timings | None = None):
+        self.model, self.tokenizer, self.ids, self.images, self.params = model, tokenizer, ids, images, params
+        self.stops = list(params.stop) + ([template_stop] if template_stop else [])
+        eos = [] if params.ignore_eos else model.cfg.text.eos_token_ids + [tokenizer.eos_token_id]
+        self.stop_ids = {i for i in eos + list(params.stop_token_ids) if i is not None}
+        self.timings = timings or Timings()
+        self.output: GenerationOutput | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        detok = IncrementalDetokenizer(self.tokenizer)
+        tokens: list[int] = []
+        emitted, finish, cut = 0, "length", None
+        for token in generate_tokens(self.model, self.ids, self.images, self.params, self.timings):
+            tokens.append(token)
+            if token in self.stop_ids:
+                finish = "stop"
+                break
+            detok.push(token)
+            cut = find_stop(detok.text, self.stops)
+            if cut is not None:
+                finish = "stop"
+                break
+            safe = len(detok.text) - partial_stop_length(detok.text, self.stops)
+            if safe > emitted:
+                yield detok.text[emitted:safe]
+                emitted = safe
+            if len(tokens) >= self.params.max_tokens:
+                break
+        text = detok.text if cut is None else detok.text[:cut]
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.output = GenerationOutput(text, tokens, self.ids, finish, self.timings)
+
+    def run(self) -> GenerationOutput:
+        """Generate to the end and return the output."""
+        for _ in self:
+            pass
+        assert self.output is not None
+        return self.output
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Index of the earliest stop string in `text`, None when there is none."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def partial_stop_length(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that could begin a stop string: held back from the stream."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
