@@ -5,6 +5,12 @@ a warm page cache, then loads it --repeats times with each loader, alternating w
 load in a fresh process so that its peak RSS is its own. Reports medians and llavakit/transformers
 ratios; writes JSON, CSV and a PNG chart to benchmarks/results/.
 
+Reading the numbers: an fp16 checkpoint loaded in fp16 on the CPU stays memory-mapped in both libraries,
+so "load time" maps the files without reading them; "load + page in every weight" adds touching every
+4 KiB page, the time to a model whose weights are all resident. Peak RSS is VmHWM reset just before the
+load (see `_reset_peak`); file-backed pages (RssFile) are shared with the page cache, anonymous ones
+(RssAnon) are the process's own.
+
     python benchmarks/load_bench.py --preset tiny --repeats 1     # smoke run, seconds
     python benchmarks/load_bench.py                               # preset "small" (~3 GB), minutes
 """
@@ -12,6 +18,7 @@ ratios; writes JSON, CSV and a PNG chart to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -36,37 +43,48 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- worker: one load, in its own process
 
 def _proc_status() -> dict[str, int]:
-    """Current VmRSS / RssAnon / RssFile of this process, in KiB."""
+    """Current VmRSS / VmHWM (peak) / RssAnon / RssFile of this process, in KiB."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon", "RssFile"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0])
     return fields
 
 
-def _peak_kib() -> int:
-    import resource
+def _reset_peak() -> bool:
+    """Set VmHWM back to the current RSS so that the next peak is the load's alone.
+    ru_maxrss cannot be used: Linux carries the parent's peak RSS over fork+exec into the child's
+    ru_maxrss, so after building a checkpoint every worker would report the builder's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
-
-def _touch(model) -> tuple[float, float, int]:
-    """Read every parameter byte (a lazily mapped weight is paged in here): total sum, embedding sum, bytes.
-    Chunks keep the fp32 temporaries small so that touching adds no peak of its own."""
+def _touch_pages(model) -> int:
+    """Read one element per 4 KiB page of every parameter: a lazily mapped weight is paged in here.
+    Returns the bytes the model's parameters hold."""
     import torch
 
-    total, embed, nbytes, seen = 0.0, 0.0, 0, set()
-    for name, p in model.named_parameters():
+    nbytes, seen, acc = 0, set(), torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
         if p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
-        s = sum(float(c.sum(dtype=torch.float64)) for c in p.detach().reshape(-1).split(1 << 20))
-        total += s
+        acc += p.detach().reshape(-1)[:: 4096 // p.element_size()].sum(dtype=torch.float64)
         nbytes += p.numel() * p.element_size()
-        if name.endswith("embed_tokens.weight"):
-            embed = s
-    return total, embed, nbytes
+    assert torch.isfinite(acc)
+    return nbytes
+
+
+def _embed_checksum(model) -> float:
+    """Sum of the token embedding, a tensor both loaders keep as stored: equal sums mean equal data."""
+    import torch
+
+    embed = next(p for n, p in model.named_parameters() if n.endswith("embed_tokens.weight"))
+    return sum(float(c.sum(dtype=torch.float64)) for c in embed.detach().reshape(-1).split(1 << 20))
 
 
 def _loader(tool: str, directory: Path):
@@ -85,25 +103,25 @@ def _loader(tool: str, directory: Path):
 
 
 def worker(tool: str, directory: Path) -> None:
-    """Load once; print one JSON line of measurements on stdout."""
+    """Load once, then page every weight in; print one JSON line of measurements on stdout."""
     import gc
 
     load = _loader(tool, directory)
     gc.collect()
-    before, peak_before = _proc_status(), _peak_kib()
+    peak_reset = _reset_peak()
+    before = _proc_status()
     t0 = time.perf_counter()
     model = load()
     load_s = time.perf_counter() - t0
     loaded_at = time.monotonic()  # system-wide clock on Linux: the parent compares it with its spawn time
-    peak_load, after_load = _peak_kib(), _proc_status()
+    after_load = _proc_status()
     t1 = time.perf_counter()
-    total, embed, nbytes = _touch(model)
+    nbytes = _touch_pages(model)
     touch_s = time.perf_counter() - t1
     after_touch = _proc_status()
-    print(json.dumps(dict(load_s=load_s, touch_s=touch_s, loaded_at=loaded_at, before=before,
-                          peak_before_kib=peak_before, peak_load_kib=peak_load, peak_touch_kib=_peak_kib(),
-                          after_load=after_load, after_touch=after_touch, checksum=total, embed_checksum=embed,
-                          param_bytes=nbytes)))
+    print(json.dumps(dict(load_s=load_s, touch_s=touch_s, loaded_at=loaded_at, peak_reset=peak_reset,
+                          before=before, after_load=after_load, after_touch=after_touch,
+                          embed_checksum=_embed_checksum(model), param_bytes=nbytes)))
 
 
 # ---------------------------------------------------------------- parent: build, run, summarize, write
@@ -134,23 +152,30 @@ def derive(m: dict, weight_bytes: int) -> dict:
     """The reported metrics of one run (memory in MiB, relative to the RSS just before the load)."""
     before = m["before"]
     rss0 = before["VmRSS"]
+    peak_load, peak_touch = m["after_load"]["VmHWM"], m["after_touch"]["VmHWM"]
     return dict(load_s=m["load_s"], process_s=m["process_s"], load_touch_s=m["load_s"] + m["touch_s"],
-                peak_rss_delta_mib=(m["peak_load_kib"] - rss0) / 1024,
-                peak_rss_delta_per_ckpt=(m["peak_load_kib"] - rss0) * 1024 / weight_bytes,
+                peak_rss_delta_mib=(peak_load - rss0) / 1024,
+                peak_rss_delta_per_ckpt=(peak_load - rss0) * 1024 / weight_bytes,
                 anon_after_load_mib=(m["after_load"]["RssAnon"] - before["RssAnon"]) / 1024,
                 file_after_load_mib=(m["after_load"]["RssFile"] - before["RssFile"]) / 1024,
-                peak_rss_delta_touched_mib=(m["peak_touch_kib"] - rss0) / 1024,
-                rss_before_mib=rss0 / 1024, peak_rss_mib=m["peak_load_kib"] / 1024,
-                param_mib=m["param_bytes"] / MiB, checksum=m["checksum"], embed_checksum=m["embed_checksum"])
+                peak_rss_delta_touched_mib=(peak_touch - rss0) / 1024,
+                rss_before_mib=rss0 / 1024, peak_rss_mib=peak_load / 1024,
+                param_mib=m["param_bytes"] / MiB, embed_checksum=m["embed_checksum"], peak_reset=m["peak_reset"])
 
 
-METRICS = (("load_s", "load time (s)"), ("process_s", "process total to loaded (s)"),
-           ("load_touch_s", "load + read every weight (s)"), ("peak_rss_delta_mib", "peak RSS delta (MiB)"),
-           ("peak_rss_delta_per_ckpt", "peak RSS delta / checkpoint bytes"),
-           ("anon_after_load_mib", "RssAnon delta after load (MiB)"),
-           ("file_after_load_mib", "RssFile delta after load (MiB)"),
-           ("peak_rss_delta_touched_mib", "peak RSS delta incl. read (MiB)"),
-           ("rss_before_mib", "RSS before load, imports (MiB)"), ("peak_rss_mib", "peak RSS, whole process (MiB)"), ("param_mib", "parameters held (MiB)"))
+METRICS = (
+    ("load_s", "load time (s)"),
+    ("process_s", "process total to loaded (s)"),
+    ("load_touch_s", "load + page in every weight (s)"),
+    ("peak_rss_delta_mib", "peak RSS delta (MiB)"),
+    ("peak_rss_delta_per_ckpt", "peak RSS delta / checkpoint bytes"),
+    ("anon_after_load_mib", "RssAnon delta after load (MiB)"),
+    ("file_after_load_mib", "RssFile delta after load (MiB)"),
+    ("peak_rss_delta_touched_mib", "peak RSS delta incl. page-in (MiB)"),
+    ("rss_before_mib", "RSS before load, imports (MiB)"),
+    ("peak_rss_mib", "peak RSS in load, absolute (MiB)"),
+    ("param_mib", "parameters held (MiB)"),
+)
 
 
 def run_all(directory: Path, repeats: int, weight_bytes: int) -> list[dict]:
@@ -190,8 +215,8 @@ def environment(preset: str, directory: Path, weight_bytes: int, n_tensors: int)
 
 def format_table(med: dict, weight_bytes: int, repeats: int) -> str:
     head = f"{'metric (median of ' + str(repeats) + ')':<36}{'llavakit':>12}{'transformers':>14}{'ratio lk/tf':>13}"
-    lines = [f"checkpoint: {weight_bytes / 2**30:.2f} GiB of fp16 safetensors ({weight_bytes / MiB:.0f} MiB); "
-             "page cache warm for every load", head, "-" * len(head)]
+    size = f"{weight_bytes / 2**30:.2f} GiB of fp16 safetensors (~{weight_bytes / 2e9:.2f} B parameters)"
+    lines = [f"checkpoint: {size}; page cache warm for every load", head, "-" * len(head)]
     for key, label in METRICS:
         a, b = med["llavakit"][key], med["transformers"][key]
         ratio = f"{a / b:.2f}" if b else "n/a"
@@ -200,11 +225,10 @@ def format_table(med: dict, weight_bytes: int, repeats: int) -> str:
 
 
 def write_results(stem: Path, env: dict, runs: list[dict], med: dict, table: str) -> None:
-    import csv
-
-    ratios = {k: (med["llavakit"][k] / med["transformers"][k] if med["transformers"][k] else None) for k, _ in METRICS}
-    stem.with_suffix(".json").write_text(json.dumps(dict(environment=env, median=med, ratio_llavakit_over_transformers=ratios,
-                                                         runs=runs, table=table), indent=1))
+    lk, tf = med["llavakit"], med["transformers"]
+    ratios = {k: lk[k] / tf[k] if tf[k] else None for k, _ in METRICS}
+    report = dict(environment=env, median=med, ratio_llavakit_over_transformers=ratios, runs=runs, table=table)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(runs[0]))
         w.writeheader()
@@ -221,7 +245,8 @@ def write_chart(path: Path, env: dict, med: dict) -> None:
     except ImportError:
         log("matplotlib is not installed: no chart (pip install matplotlib)")
         return
-    panels = (("load_s", "load_touch_s", "process_s"), ("peak_rss_delta_mib", "anon_after_load_mib", "file_after_load_mib"))
+    panels = (("load_s", "load_touch_s", "process_s"),
+              ("peak_rss_delta_mib", "anon_after_load_mib", "file_after_load_mib"))
     labels = dict(METRICS)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, keys in zip(axes, panels):
@@ -260,6 +285,8 @@ def main() -> None:
     table = format_table(med, weight_bytes, args.repeats)
     if not check_same_weights(runs):
         table += "\nWARNING: the two loaders read different embedding values"
+    if not all(r["peak_reset"] for r in runs):
+        table += "\nNOTE: /proc/self/clear_refs was not writable; peaks include the import-time peak"
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"load_{args.preset}_cpu-{os.cpu_count()}c_{env['date']}"
