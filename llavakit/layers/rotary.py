@@ -19,7 +19,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.rope = rope
-        self.register_buffer("inv_freq", inv_frequencies(head_dim, rope.theta), persistent=False)
+        # Computed on the CPU and moved: arithmetic on meta tensors would import torch._dynamo (~0.7 s).
+        inv = inv_frequencies(head_dim, rope.theta, "cpu").to(torch.get_default_device())
+        self.register_buffer("inv_freq", inv, persistent=False)
 
     def reset_buffers(self, device: torch.device) -> None:
         """Recompute the frequencies on `device` (after the module was built on the meta device)."""

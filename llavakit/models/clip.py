@@ -12,6 +12,7 @@ from torch import nn
 
 from llavakit.config import VisionConfig
 from llavakit.layers.activation import get_activation
+from llavakit.layers.embedding import embedding
 from llavakit.layers.linear import linear
 
 
@@ -20,7 +21,7 @@ class CLIPEmbeddings(nn.Module):
         super().__init__()
         self.class_embedding = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size, bias=False)
-        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        self.position_embedding = embedding(cfg.num_positions, cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, S, S) -> (N, 1 + P, D)."""

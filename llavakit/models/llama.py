@@ -12,6 +12,7 @@ from torch import nn
 from llavakit.config import TextConfig
 from llavakit.layers.activation import silu_and_mul
 from llavakit.layers.attention import Attention, AttentionMetadata
+from llavakit.layers.embedding import embedding
 from llavakit.layers.linear import linear
 from llavakit.layers.norm import RMSNorm
 from llavakit.layers.rotary import RotaryEmbedding, apply_rotary
@@ -70,7 +71,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope)
