@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llavakit.cli import chat, generate, predict, prompt
+from llavakit.cli import chat, generate, merge_lora, predict, prompt, train
 from llavakit.cli.common import USER_ERRORS, CliError
 
 EPILOG = """examples:
@@ -16,9 +16,12 @@ EPILOG = """examples:
   llavakit generate --model ./llava-v1.6-vicuna-7b --image photo.jpg --prompt "What is this?" --json
   llavakit predict --model llava-1.5-7b --questions q.jsonl --image-folder images/ --answers a.jsonl
   llavakit prompt --model llava-1.5-7b "What is in the picture?"
+  llavakit train --stage lora --model llava-1.5-7b --data-path data.json --image-folder imgs/ --output-dir out
+  llavakit merge-lora --base llava-1.5-7b --lora out/final --out merged/
 """
 
-SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt}
+SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt, "train": train,
+               "merge-lora": merge_lora}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ that already hold image features.
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from llavakit.config import TextConfig
@@ -75,11 +76,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope)
+        self.checkpoint_layers = False  # gradient checkpointing, switched on by the trainer
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """embeds (B, T, D), positions (B, T); kv_cache indexable by layer (or None) -> (B, T, D)."""
         cos, sin = self.rotary_emb(positions, embeds.dtype)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if kv_cache is None else kv_cache[i], meta)
+            cache = None if kv_cache is None else kv_cache[i]
+            if self.checkpoint_layers and self.training:  # recompute activations in backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, meta, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, meta)
         return self.norm(x)

@@ -32,25 +32,56 @@ def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor) -> torch.Te
 
 def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: torch.device) -> LlavaForConditionalGeneration:
     """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed)."""
+    sources = [(directory, cfg.layout)]
+    if cfg.vision_tower_dir:
+        sources.append((Path(cfg.vision_tower_dir), "clip"))
+    return load_parts(cfg, sources, dtype, device).eval()
+
+
+def load_parts(cfg: LlavaConfig, sources: list[tuple[Path, str]], dtype: torch.dtype, device: torch.device,
+               init_missing: tuple[str, ...] = (), loaders: dict | None = None) -> LlavaForConditionalGeneration:
+    """Build `cfg`'s model on the meta device and fill it from (directory, layout) sources in order (the
+    first source to supply a tensor wins). Parameters whose names start with `init_missing` may be
+    absent: they get their module's fresh initialization. `loaders` maps parameter names to
+    `weight_loader(param, tensor) -> tensor` functions (e.g. to resize an embedding)."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
-    sources = [_source(directory, cfg.layout)]
-    if cfg.vision_tower_dir:
-        sources.append(_source(Path(cfg.vision_tower_dir), "clip"))
-    if not any(_maps_to_tower(entries, rules) for _, entries, rules in sources):
+    for name, fn in (loaders or {}).items():
+        model.get_parameter(name).weight_loader = fn
+    opened = [_source(d, layout) for d, layout in sources]
+    if not any(_maps_to_tower(entries, rules) for _, entries, rules in opened):
         raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
-    loaded = _fill(model, sources, cfg, dtype, device)
+    loaded = _fill(model, opened, cfg, dtype, device)
     if cfg.text.tie_word_embeddings:  # the embedding was replaced: point the head at the new tensor
         model.lm_head.weight = model.language_model.embed_tokens.weight
-    _check_complete(model, loaded, cfg)
+    _init_fresh(model, loaded, init_missing, dtype, device)
+    _check_complete(model, loaded | _fresh_names(model, loaded, init_missing), cfg)
     _materialize_buffers(model, device)
-    return model.eval()
+    return model
+
+
+def _fresh_names(model: nn.Module, loaded: set[str], prefixes: tuple[str, ...]) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n not in loaded and prefixes and n.startswith(prefixes)}
+
+
+def _init_fresh(model: nn.Module, loaded: set[str], prefixes: tuple[str, ...], dtype, device) -> None:
+    """Give the parameters no checkpoint supplied their module's own initialization."""
+    owners = {n.rpartition(".")[0] for n in _fresh_names(model, loaded, prefixes)}
+    for owner in sorted(owners):
+        module = model.get_submodule(owner) if owner else model
+        if owner == "":  # a bare parameter on the model itself (image_newline): LLaVA-NeXT's init
+            model.image_newline = nn.Parameter(torch.randn(model.cfg.text.hidden_size, device=device) /
+                                               model.cfg.text.hidden_size ** 0.5, requires_grad=False)
+            continue
+        module.to_empty(device=device, recurse=False)
+        module.reset_parameters()
+        module.to(dtype)
 
 
 def _source(directory: Path, layout: str):
     """(directory, [(name, getter)], name rules) for one checkpoint directory."""
     entries = list(iter_tensors(find_weight_files(directory)))
-    if layout != "clip":
+    if layout in ("llava-hf", "original"):  # a LLaVA checkpoint: its tensor names tell transformers-5 apart
         layout = detect_layout([n for n, _ in entries], layout)
     return directory, entries, LAYOUTS[layout]
 

@@ -50,7 +50,14 @@ CLIP_TOWER: Rules = [
     ("logit_scale", None),
 ]
 
-LAYOUTS = {"llava-hf": LLAVA_HF, "transformers-5": TRANSFORMERS_5, "original": ORIGINAL, "clip": CLIP_TOWER}
+# A text-only LLaMA/Mistral checkpoint (LlamaForCausalLM) becoming the decoder of a new LLaVA.
+TEXT_LLM: Rules = [
+    ("model.", "language_model."),
+    ("lm_head.", "lm_head."),
+]
+
+LAYOUTS = {"llava-hf": LLAVA_HF, "transformers-5": TRANSFORMERS_5, "original": ORIGINAL, "clip": CLIP_TOWER,
+           "text-llm": TEXT_LLM}
 
 # Tensors that checkpoints carry but llavakit computes or never runs.
 IGNORED = re.compile(r"(\.rotary_emb\.inv_freq|position_ids|^vision_tower\.post_layernorm\.)")

@@ -1,0 +1,121 @@
+"""The model each training stage starts from, and what each stage trains.
+
+- pretrain: a new LLaVA from a text LLM + a CLIP tower: `<image>` added to the tokenizer, the vocabulary
+  padded to a multiple of 64 (new rows = the mean embedding), a fresh projector; only the projector trains.
+- finetune: an existing LLaVA; projector + LLM (+ vision tower with unfreeze_vision) train.
+- lora: an existing LLaVA; LoRA adapters on the LLM's Linear layers + the projector train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llavakit.config import ConfigError, ImageConfig, LlavaConfig, TextConfig, VisionConfig, load_json
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.pipeline import load_processor, load_tokenizer
+from llavakit.processing.conversation import get_template
+from llavakit.processing.prompt import PromptProcessor
+from llavakit.train.config import TrainConfig
+from llavakit.weights.hub import resolve_model_dir
+from llavakit.weights.loader import load_llava, load_parts
+
+_ASPECT_TO_MODE = {"pad": "pad", "anyres": "anyres", "square": "crop", "crop": "crop"}
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LlavaForConditionalGeneration, PromptProcessor, Path]:
+    """(fp32 model, prompt processor, source directory) for the configured stage."""
+    if cfg.stage == "pretrain":
+        return build_from_parts(resolve_model_dir(cfg.model), cfg, device)
+    directory = resolve_model_dir(cfg.model)
+    processor = load_processor(directory, vision_tower=cfg.vision_tower, conv_mode=cfg.template_name)
+    if processor.cfg.layout == "original":
+        raise ConfigError("training starts from llava-hf checkpoints; convert this original-layout checkpoint "
+                          "first (llavakit.weights.save.save_llava_hf) or train from its llava-hf version")
+    _override_image_mode(processor.cfg, cfg.image_aspect_ratio)
+    return load_llava(processor.cfg, directory, torch.float32, device), processor, directory
+
+
+def _override_image_mode(model_cfg: LlavaConfig, aspect: str | None) -> None:
+    if aspect is None:
+        return
+    if aspect not in _ASPECT_TO_MODE:
+        raise ConfigError(f"image_aspect_ratio must be pad, anyres or square, got {aspect!r}")
+    model_cfg.image = dataclasses.replace(model_cfg.image, mode=_ASPECT_TO_MODE[aspect])
+
+
+def build_from_parts(llm_dir: Path, cfg: TrainConfig, device: torch.device):
+    """A new LLaVA-1.5-style model: the LLM's decoder, the CLIP tower, a fresh mlp2x_gelu projector."""
+    if not cfg.vision_tower:
+        raise ConfigError("stage pretrain needs vision_tower (--vision-tower): a CLIP checkpoint directory")
+    clip_dir = resolve_model_dir(cfg.vision_tower)
+    tokenizer = load_tokenizer(llm_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    raw = load_json(llm_dir / "config.json")
+    text = TextConfig.from_dict({**raw, "vocab_size": max(raw.get("vocab_size", 0), math.ceil(len(tokenizer) / 64) * 64)})
+    vision = VisionConfig.from_dict(load_json(clip_dir / "config.json"))
+    preproc = load_json(clip_dir / "preprocessor_config.json") if (clip_dir / "preprocessor_config.json").is_file() else {}
+    size = (preproc.get("crop_size") or {}).get("height", vision.image_size)
+    mode = _ASPECT_TO_MODE.get(cfg.image_aspect_ratio or "pad")
+    model_cfg = LlavaConfig(vision=vision, text=text, image=ImageConfig(mode=mode, size=size, crop_size=size),
+                            model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                            name_or_path=str(llm_dir))
+    old_vocab = raw.get("vocab_size", text.vocab_size)
+    loaders = {"language_model.embed_tokens.weight": _grow_rows(old_vocab)}
+    if not text.tie_word_embeddings:
+        loaders["lm_head.weight"] = _grow_rows(old_vocab)
+    model = load_parts(model_cfg, [(llm_dir, "text-llm"), (clip_dir, "clip")], torch.float32, device,
+                       init_missing=("projector.",), loaders=loaders)
+    template = get_template(cfg.template_name or "vicuna_v1")
+    return model, PromptProcessor(model_cfg, tokenizer, template), llm_dir
+
+
+def _grow_rows(old_rows: int):
+    """A weight loader that pads an embedding/LM head to the new vocabulary with the mean row."""
+    def load(param: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape[0] != old_rows or tensor.shape[1:] != param.shape[1:]:
+            raise ValueError(f"expected {old_rows} rows of width {param.shape[1]}, got {tuple(tensor.shape)}")
+        extra = tensor.float().mean(0, keepdim=True).expand(param.shape[0] - old_rows, -1)
+        return torch.cat([tensor.float(), extra]).to(tensor.dtype)
+    return load
+
+
+def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
+    """Parameter-name prefixes a stage trains (LoRA adds its adapters on top)."""
+    if cfg.stage == "pretrain":
+        return ("projector.",)
+    prefixes = ("projector.", "image_newline")
+    if cfg.stage == "finetune":
+        prefixes += ("language_model.", "lm_head.")
+    if cfg.unfreeze_vision:
+        prefixes += ("vision_tower.",)
+    return prefixes
+
+
+def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
+    """requires_grad on exactly what the stage trains (LoRA adapters are set by apply_lora)."""
+    prefixes = trainable_prefixes(cfg)
+    for name, param in model.named_parameters():
+        is_lora = ".lora_A" in name or ".lora_B" in name
+        param.requires_grad_(is_lora or name.startswith(prefixes))
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: projector at mm_projector_lr; no weight decay on biases, norms and 1-D tensors."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = (name.startswith("projector."), param.ndim >= 2)
+        groups.setdefault(key, []).append(param)
+    out = []
+    for (is_projector, decay), params in sorted(groups.items()):
+        lr = cfg.mm_projector_lr if is_projector and cfg.mm_projector_lr else cfg.learning_rate
+        out.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
+    return out

@@ -1,0 +1,124 @@
+"""Checkpoints: written to a temporary directory and renamed, so a kill mid-save leaves the previous
+checkpoint whole; resume restores model, optimizer, scheduler, RNG and data position.
+
+A checkpoint directory holds a loadable model (llava-hf files; for LoRA the peft-format adapter plus
+`non_lora_trainables.safetensors`) and `trainer_state.pt` (optimizer, scheduler, RNG, step), read back
+with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.train.lora import save_adapter
+from llavakit.weights.save import save_llava_hf
+
+STATE_FILE = "trainer_state.pt"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole and on CPU (gathered from FSDP shards; empty on ranks other than 0)."""
+    return get_model_state_dict(module, options=_FULL)
+
+
+def plain_model(cfg, state: dict[str, torch.Tensor]) -> LlavaForConditionalGeneration:
+    """A plain (unwrapped, unsharded) model holding `state`, for saving."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    # Gathered FSDP tensors can be views into padded buffers; safetensors wants tensors that own storage.
+    state = {k: v if v.untyped_storage().nbytes() == v.nbytes else v.clone() for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    return model
+
+
+def write_model(directory: Path, model: LlavaForConditionalGeneration, stage: str, tokenizer: Any,
+                base: str, lora: dict, extra: dict[str, torch.Tensor]) -> None:
+    """The model part of a checkpoint: llava-hf files, or for LoRA the adapter + fully trained parts."""
+    if stage == "lora":
+        save_adapter(model, directory, base_model=base, **lora)
+        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if n.startswith(("projector.", "image_newline"))}
+        save_file(trained, directory / NON_LORA_FILE)
+        tokenizer.save_pretrained(directory)
+    else:
+        save_llava_hf(model, directory, tokenizer=tokenizer, extra_tensors=extra)
+
+
+def save_checkpoint(directory: Path, write: callable, state: dict[str, Any], keep: int | None) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` then trainer state, then rename into place."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    if keep:
+        for old in sorted_checkpoints(directory.parent)[:-keep]:
+            shutil.rmtree(old)
+    return directory
+
+
+def sorted_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoint-N directories, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a directory, or "latest" (None when there is none yet)."""
+    if not spec:
+        return None
+    if spec == "latest":
+        found = sorted_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise ValueError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a checkpoint-N directory")
+    return path
+
+
+def training_state(module: nn.Module, optimizer, scheduler, step: int) -> dict[str, Any]:
+    """Everything but the weights that resuming needs (collective under FSDP: call on every rank)."""
+    return {"step": step, "optimizer": get_optimizer_state_dict(module, optimizer, options=_FULL),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate()}
+
+
+def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler) -> int:
+    """Load optimizer, scheduler and RNG state; returns the step to continue from."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(_as_python_rng(state["python_rng"]))
+    return int(state["step"])
+
+
+def _as_python_rng(state) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def load_non_lora(path: Path, model: nn.Module) -> None:
+    """The fully trained parts (projector) saved beside a LoRA adapter."""
+    for name, tensor in load_file(path / NON_LORA_FILE).items():
+        model.get_parameter(name).data.copy_(tensor)

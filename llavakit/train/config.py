@@ -1,0 +1,134 @@
+"""TrainConfig: every training option, named as in the original LLaVA / transformers scripts.
+
+A config comes from a YAML or JSON file, from flags, or both (flags win). Each option is a flag in
+both spellings: `--learning-rate 2e-5` and `--learning_rate 2e-5`; booleans accept `--bf16`,
+`--bf16 true` and `--bf16 false`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STAGES = ("pretrain", "finetune", "lora")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Options of `llavakit train`; see the README's training section for their meaning."""
+
+    stage: str = "finetune"
+    model: str = ""  # llava checkpoint (finetune, lora) or text LLM (pretrain); alias model_name_or_path
+    vision_tower: str | None = None  # CLIP directory (pretrain; original checkpoints without a tower)
+    data_path: str = ""
+    image_folder: str | None = None
+    output_dir: str = "output"
+    conv_mode: str | None = None  # template; pretrain defaults to plain; alias `version`
+    image_aspect_ratio: str | None = None  # pad | anyres | square: override the checkpoint's processing
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-5
+    mm_projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    max_grad_norm: float = 1.0
+    model_max_length: int = 2048
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    unfreeze_vision: bool = False  # alias unfreeze_mm_vision_tower
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    logging_steps: int = 1
+    group_by_modality_length: bool = False
+    dataloader_num_workers: int = 0
+    seed: int = 42
+    max_bad_fraction: float = 0.01  # skipped rows above this fraction stop training
+    max_nonfinite_steps: int = 3  # this many non-finite losses in a row stop training
+    resume_from_checkpoint: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    distributed: str = "auto"  # auto (DDP when launched by torchrun) | ddp | fsdp
+    device: str = "auto"
+    image_cache_dir: str | None = None  # where image URLs are cached (default output_dir/image_cache)
+
+    def __post_init__(self):
+        checks = [
+            (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
+            (self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type must be one of {SCHEDULERS}"),
+            (self.distributed in ("auto", "ddp", "fsdp"), "distributed must be auto, ddp or fsdp"),
+            (self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+             "per_device_train_batch_size and gradient_accumulation_steps must be >= 1"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps or num_train_epochs > 0"),
+            (self.model_max_length > 0, "model_max_length must be positive"),
+            (self.save_steps > 0, "save_steps must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if not self.model:
+            raise ValueError("no model given: set model (--model) to a checkpoint directory or hub id")
+        if not self.data_path:
+            raise ValueError("no data given: set data_path (--data-path) to a LLaVA JSON/JSONL file")
+
+    @property
+    def template_name(self) -> str | None:
+        return self.conv_mode or ("plain" if self.stage == "pretrain" else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ALIASES = {"model_name_or_path": "model", "version": "conv_mode", "unfreeze_mm_vision_tower": "unfreeze_vision",
+           "per_device_batch_size": "per_device_train_batch_size", "lr": "learning_rate"}
+_VERSION_TO_TEMPLATE = {"v1": "vicuna_v1", "v0": "llava_v0", "llava_llama_2": "llava_llama_2"}
+
+
+def normalize_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Keys in either spelling and the original's aliases -> TrainConfig field names."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+        if name not in fields:
+            raise ValueError(f"unknown training option {key!r}; see `llavakit train --help`")
+        out[name] = value
+    if out.get("conv_mode") in _VERSION_TO_TEMPLATE:
+        out["conv_mode"] = _VERSION_TO_TEMPLATE[out["conv_mode"]]
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Options from a YAML (.yaml/.yml) or JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training config {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise their own error types
+        raise ValueError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    return data
+
+
+def make_config(file: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from an optional file plus overrides (flags)."""
+    options = normalize_options(read_config_file(file)) if file else {}
+    options.update(normalize_options({k: v for k, v in overrides.items() if v is not None}))
+    return TrainConfig(**options)

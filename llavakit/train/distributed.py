@@ -1,0 +1,97 @@
+"""One process or many under torchrun: process-group setup, DDP / FSDP wrapping, reductions.
+
+gloo on CPU, NCCL on CUDA. FSDP is FSDP2 (`fully_shard`): one unit per decoder layer and per vision
+layer, the rest in the root unit; parameter names stay those of the model.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llavakit.models.clip import CLIPEncoderLayer
+from llavakit.models.llama import LlamaDecoderLayer
+
+
+@dataclass(slots=True)
+class DistInfo:
+    """Where this process stands: rank, world size and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun; otherwise a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu" if device == "auto" else device)
+    if world == 1:
+        return DistInfo(device=dev)
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, dev)
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def wrap(module: nn.Module, mode: str, info: DistInfo) -> nn.Module:
+    """DDP or FSDP around the training module (whose forward computes the loss)."""
+    if not info.enabled:
+        return module
+    if mode in ("auto", "ddp"):
+        # Text-only batches leave the projector unused: DDP must not wait for its gradients.
+        return nn.parallel.DistributedDataParallel(module, device_ids=[info.device] if info.device.type == "cuda"
+                                                   else None, find_unused_parameters=True)
+    fully_shard = _fully_shard()
+    for sub in module.modules():
+        if isinstance(sub, (LlamaDecoderLayer, CLIPEncoderLayer)):
+            fully_shard(sub)
+    fully_shard(module)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def all_reduce_sum(value: float | int, info: DistInfo) -> float:
+    """Sum of a number over all processes."""
+    if not info.enabled:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

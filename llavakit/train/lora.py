@@ -1,0 +1,235 @@
+"""LoRA as a transform on the one model class: wrap, merge, and save/load adapters in peft's file format.
+
+Written here rather than taken from peft (STYLE 13) because LoRA has to compose with llavakit's other
+transforms: tensor parallelism and quantization find layers by their `Linear.tp_style` tag, so a LoRA
+layer stays a tagged `Linear`; and it keeps llavakit's parameter names (`...q_proj.weight`), where peft
+wraps the model as `base_model.model.*`, which checkpointing, FSDP wrapping and the name maps would all
+have to special-case. Merging into plain weights and saving in llava-hf layout is a few lines.
+
+The adapter *file* format is peft's (`adapter_model.safetensors` keyed by llava-hf hub module names,
+`adapter_config.json`), so adapters move freely between llavakit and peft + transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llavakit.layers.linear import Linear
+from llavakit.weights.name_maps import LAYOUTS, LLAVA_HF, detect_layout, is_unused, map_name
+
+# Every Linear of the LLM, as LLaVA's LoRA recipe (the tower, projector and LM head are not adapted).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_PEFT_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)\.weight$")
+
+
+class LoRALinear(Linear):
+    """A frozen Linear plus a trainable low-rank update: y = x W^T + b + dropout(x) A^T B^T * alpha / r.
+
+    Adopts the base layer's `weight`/`bias` Parameters, so their names, `tp_style`, and any optimizer
+    or checkpoint state keyed by them are unchanged; `lora_A` (r, in) and `lora_B` (out, r) are added.
+    """
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float):
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        with torch.device("meta"):  # the base's weight is adopted below; do not allocate a second one
+            super().__init__(base.in_features, base.out_features, base.bias is not None, base.tp_style)
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init; B = 0 makes the update start at 0
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        return out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
+
+    def merge(self) -> Linear:
+        """A plain Linear whose weight holds W + B A * scaling, summed in fp32 and cast to W's dtype."""
+        with torch.no_grad():
+            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, in)
+            merged = (self.weight.float() + delta).to(self.weight.dtype)
+        with torch.device("meta"):
+            plain = Linear(self.in_features, self.out_features, self.bias is not None, self.tp_style)
+        plain.weight = nn.Parameter(merged, requires_grad=self.weight.requires_grad)
+        plain.bias = self.bias
+        return plain.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tp_style={self.tp_style}, r={self.r}, alpha={self.alpha}"
+
+
+def _matches(name: str, targets: tuple[str, ...], scope: str) -> bool:
+    """peft's rule on the last name component, restricted to modules under `scope` ("" = whole model)."""
+    in_scope = not scope or name.startswith(scope + ".")
+    return in_scope and any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _check_wrappable(model: nn.Module, names) -> None:
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, Linear) or isinstance(module, LoRALinear):
+            raise ValueError(f"cannot add LoRA to {name!r}: it is {type(module).__name__}, not a llavakit Linear "
+                             "without an adapter (is the adapter for another base model?)")
+
+
+def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> None:
+    _check_wrappable(model, names)
+    for name in names:
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+
+
+def apply_lora(model: nn.Module, r: int = 128, alpha: float = 256, dropout: float = 0.05,
+               targets: tuple[str, ...] = DEFAULT_TARGETS, scope: str = "language_model") -> nn.Module:
+    """Replace, in place, each Linear under `scope` whose name ends in one of `targets` by a LoRALinear.
+
+    The wrapped layers' weights and biases are frozen and the adapters trainable; every other
+    parameter keeps its requires_grad (the training recipe decides whether e.g. the projector trains).
+    """
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, Linear) and not isinstance(m, LoRALinear) and _matches(n, tuple(targets), scope)]
+    if not names:
+        raise ValueError(f"no Linear layer under {scope!r} is named any of {list(targets)}")
+    _wrap(model, names, r, alpha, dropout)
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight, in place, leaving plain Linear layers (the inference model)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            model.set_submodule(name, module.merge())
+    return model
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _hub_name(name: str) -> str:
+    """llavakit module name -> llava-hf hub module name (the LLAVA_HF name map read backwards)."""
+    for hub, ours in LLAVA_HF:
+        if ours is not None and (name + ".").startswith(ours):
+            return (hub + name[len(ours):]).rstrip(".")
+    raise KeyError(name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters under peft's names: base_model.model.<llava-hf module>.lora_{A,B}.weight."""
+    state = {}
+    for name, m in _lora_modules(model).items():
+        prefix = PEFT_PREFIX + _hub_name(name)
+        state[f"{prefix}.lora_A.weight"] = m.lora_A.detach().contiguous()
+        state[f"{prefix}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    return state
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, r: int = 128, alpha: float = 256,
+                 dropout: float = 0.05, targets: tuple[str, ...] = DEFAULT_TARGETS,
+                 scope: str = "language_model") -> Path:
+    """Write adapter_model.safetensors and adapter_config.json (peft LORA) to `out_dir`.
+
+    r/alpha/dropout/targets/scope are those given to apply_lora; r and alpha are checked against the model.
+    """
+    modules = _lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no LoRA layers; call apply_lora (or load_adapter) first")
+    for name, m in modules.items():
+        if (m.r, m.alpha) != (r, alpha):
+            raise ValueError(f"{name} has r={m.r}, alpha={m.alpha} but save_adapter was given r={r}, alpha={alpha}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(lora_state_dict(model), out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(_peft_config(base_model, r, alpha, dropout, targets, scope), indent=2))
+    return out
+
+
+def _peft_config(base_model: str, r: int, alpha: float, dropout: float, targets, scope: str) -> dict:
+    # peft matches a list of names against every module (the CLIP tower has q/k/v_proj too); a regex
+    # (re.fullmatch) keeps peft to the scope in both llava-hf and transformers-5 module names.
+    names = "|".join(re.escape(t) for t in targets)
+    target_modules = rf".*{re.escape(scope)}\..*\.({names})" if scope else sorted(targets)
+    return dict(peft_type="LORA", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                base_model_name_or_path=base_model, bias="none", task_type=None, fan_in_fan_out=False,
+                inference_mode=True, init_lora_weights=True, modules_to_save=None, use_rslora=False,
+                use_dora=False, rank_pattern={}, alpha_pattern={}, layers_to_transform=None,
+                layers_pattern=None, revision=None)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Wrap the layers a peft LORA adapter holds weights for and load them (llava-hf or transformers-5 names).
+
+    The layers come from the file's keys, so list- and regex-style `target_modules` both load; adapters
+    of tower layers past the feature layer (never built, see clip.py) are skipped. Everything is checked
+    before the model is touched.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    _check_supported(cfg, adapter_dir)
+    r, tensors = cfg["r"], _our_names(load_file(adapter_dir / ADAPTER_WEIGHTS), model, adapter_dir)
+    layers = sorted({name.rpartition(".")[0] for name in tensors})
+    _check_wrappable(model, layers)
+    if len(tensors) != 2 * len(layers):
+        raise ValueError(f"{adapter_dir}: every layer needs both lora_A and lora_B; got {len(tensors)} tensors "
+                         f"for {len(layers)} layers")
+    for name, value in tensors.items():
+        layer, _, kind = name.rpartition(".")
+        m = model.get_submodule(layer)
+        want = (r, m.in_features) if kind == "lora_A" else (m.out_features, r)
+        if tuple(value.shape) != want:
+            raise ValueError(f"{adapter_dir}: {name} has shape {tuple(value.shape)}, expected {want} (r={r})")
+    _wrap(model, layers, r, cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    return model
+
+
+def _check_supported(cfg: dict, adapter_dir: Path) -> None:
+    unsupported = {k: cfg[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+                   if cfg.get(k)}
+    if cfg.get("peft_type") != "LORA" or unsupported:
+        raise ValueError(f"{adapter_dir}: only plain peft LORA adapters load; got peft_type="
+                         f"{cfg.get('peft_type')!r} with {unsupported or 'no other options'}")
+
+
+def _our_names(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """peft keys -> llavakit parameter names (`...q_proj.lora_A`); a ValueError names the keys that do not fit."""
+    keys = [k.removeprefix(PEFT_PREFIX) for k in tensors]
+    rules = LAYOUTS[detect_layout(keys, "llava-hf")]
+    built = len(model.vision_tower.encoder.layers)
+    out, bad = {}, []
+    for key, value in zip(keys, tensors.values()):
+        m = _PEFT_KEY.match(key)
+        try:
+            target = map_name(f"{m[1]}.{m[2]}", rules) if m else None
+        except KeyError:
+            target = None
+        if target is None:
+            bad.append(PEFT_PREFIX + key)
+        elif not is_unused(target, built):
+            out[target] = value
+    if bad:
+        raise ValueError(f"{adapter_dir}: {len(bad)} tensors are not LoRA weights of a llava-hf layer: {bad[:5]}")
+    return out

@@ -1,0 +1,327 @@
+"""The training recipe, top to bottom: `setup(cfg)`, `train_loop(run)`, `cleanup(run)`.
+
+One global batch = per_device_train_batch_size x world size x gradient_accumulation_steps samples. The
+loss is the sum of token losses over the whole global batch divided by its number of supervised
+tokens, so one process and N processes with the same global batch compute the same loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from llavakit.config import IGNORE_INDEX
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.processing.media import FetchPolicy
+from llavakit.processing.prompt import PromptProcessor
+from llavakit.train import checkpoint as ckpt
+from llavakit.train.build import build_model, param_groups, set_trainable
+from llavakit.train.config import TrainConfig
+from llavakit.train.data import LlavaDataset, ModalityGroupedBatches, load_records
+from llavakit.train.distributed import DistInfo, all_reduce_sum, cleanup as dist_cleanup, init_distributed, wrap
+from llavakit.train.lora import apply_lora, load_adapter
+from llavakit.train.metrics import TrainLogger, plot_loss_curve
+from llavakit.weights.save import unused_source_tensors
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too much bad data, a diverged loss); the message says why."""
+
+
+class LossModule(nn.Module):
+    """The module DDP/FSDP wrap: its forward runs the model's three steps and returns the summed
+    token loss and the number of supervised tokens."""
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: list[torch.Tensor],
+                image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        feats = m.encode_images(pixel_values, image_sizes) if pixel_values else None
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = m(m.embed_inputs(input_ids, feats), positions)  # (B, T, D)
+        targets = labels[:, 1:]
+        mask = targets != IGNORE_INDEX
+        # Only supervised positions go through the LM head: no (B, T, vocab) logits tensor.
+        logits = m.compute_logits(hidden[:, :-1][mask]).float()
+        return F.cross_entropy(logits, targets[mask], reduction="sum"), mask.sum()
+
+
+@dataclass
+class StepInfo:
+    """What one optimizer step did (passed to callbacks and logged)."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    skipped: int
+
+
+@dataclass
+class Run:
+    """Everything setup() builds."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    model: LlavaForConditionalGeneration
+    module: nn.Module
+    processor: PromptProcessor
+    dataset: LlavaDataset
+    batches: ModalityGroupedBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    logger: TrainLogger
+    output_dir: Path
+    extra_tensors: dict[str, torch.Tensor]
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    skipped: dict[int, str] = field(default_factory=dict)
+    nonfinite_streak: int = 0
+    history: list[StepInfo] = field(default_factory=list)
+
+
+def train(cfg: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) -> list[StepInfo]:
+    """Train as `cfg` says; returns the per-step history. Callbacks run after every step on every rank."""
+    run = setup(cfg)
+    try:
+        train_loop(run, callbacks)
+        finish(run)
+    finally:
+        cleanup(run)
+    return run.history
+
+
+def setup(cfg: TrainConfig) -> Run:
+    info = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    output_dir = Path(cfg.output_dir)
+    resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
+    model, processor, source = _model(cfg, info, resume)
+    dataset = _dataset(cfg, processor, output_dir)
+    global_batch = cfg.per_device_train_batch_size * info.world_size * cfg.gradient_accumulation_steps
+    batches = ModalityGroupedBatches(len(dataset), [dataset.modality(i) for i in range(len(dataset))], global_batch,
+                                     cfg.seed, cfg.group_by_modality_length, drop_last=info.enabled)
+    steps_per_epoch = len(batches.batches(0))
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(dataset)} rows make no full global batch of {global_batch}; "
+                            "lower the batch size or add data")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    module = wrap(LossModule(model), cfg.distributed, info)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    run = Run(cfg, info, model, module, processor, dataset, batches, optimizer, scheduler,
+              TrainLogger(output_dir, info.is_main), output_dir, _extra_tensors(cfg, model, source),
+              steps_per_epoch, total)
+    if resume is not None:
+        run.step = ckpt.restore_training_state(resume, module, optimizer, scheduler)
+    return run
+
+
+def _model(cfg: TrainConfig, info: DistInfo, resume: Path | None):
+    """The model for the stage, its weights from `resume` when resuming; trainable parts set."""
+    weights_from = resume if resume is not None and cfg.stage != "lora" else None
+    build_cfg = cfg if weights_from is None else dataclasses.replace(cfg, model=str(weights_from), stage="finetune")
+    model, processor, source = build_model(build_cfg, info.device)
+    if cfg.stage == "lora":
+        if resume is not None:
+            load_adapter(model, resume)
+            ckpt.load_non_lora(resume, model)
+        else:
+            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    set_trainable(model, cfg)
+    model.language_model.checkpoint_layers = cfg.gradient_checkpointing
+    return model.train(), processor, source
+
+
+def _dataset(cfg: TrainConfig, processor: PromptProcessor, output_dir: Path) -> LlavaDataset:
+    cache = Path(cfg.image_cache_dir) if cfg.image_cache_dir else output_dir / "image_cache"
+    return LlavaDataset(load_records(cfg.data_path), processor, processor.template,
+                        Path(cfg.image_folder) if cfg.image_folder else None, cfg.model_max_length, cache,
+                        FetchPolicy())
+
+
+def _extra_tensors(cfg: TrainConfig, model: LlavaForConditionalGeneration, source: Path) -> dict:
+    """Tower tensors llavakit never built, carried into saved checkpoints so transformers finds them."""
+    if cfg.stage == "lora":
+        return {}
+    if cfg.stage == "pretrain":
+        clip = dataclasses.replace(model.cfg, layout="clip", vision_tower_dir=None)
+        return unused_source_tensors(Path(cfg.vision_tower), clip)
+    return unused_source_tensors(source, model.cfg)
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Learning-rate multiplier per step: linear warmup over warmup_ratio, then the schedule."""
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup and cfg.lr_scheduler_type != "constant":
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.lr_scheduler_type == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.lr_scheduler_type == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+    return factor
+
+
+def _rank_micro_batches(run: Run, epoch: int, first_step: int) -> list[list[int]]:
+    """This rank's micro-batches for the rest of the epoch, `accum` per step, in order."""
+    cfg, info = run.cfg, run.info
+    size = cfg.per_device_train_batch_size
+    out = []
+    for batch in run.batches.batches(epoch)[first_step:]:
+        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+        mine = chunks[info.rank::info.world_size]
+        out += mine + [[] for _ in range(cfg.gradient_accumulation_steps - len(mine))]
+    return out
+
+
+def _step_batches(run: Run):
+    """(epoch, list of collated micro-batches) for every remaining step."""
+    accum = run.cfg.gradient_accumulation_steps
+    while run.step < run.total_steps:
+        epoch, first = divmod(run.step, run.steps_per_epoch)
+        micro = _rank_micro_batches(run, epoch, first)
+        # Its own generator: creating a DataLoader iterator draws a seed, which must not move the global
+        # RNG (dropout masks) differently in a resumed run.
+        loader = torch.utils.data.DataLoader(run.dataset, batch_sampler=micro, collate_fn=run.dataset.collate,
+                                             num_workers=run.cfg.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(run.cfg.seed + epoch))
+        pending = []
+        for batch in loader:
+            pending.append(batch)
+            if len(pending) == accum:
+                yield epoch, pending
+                pending = []
+                if run.step >= run.total_steps:
+                    return
+
+
+def train_loop(run: Run, callbacks) -> None:
+    cfg = run.cfg
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not run.info.is_main)
+    for epoch, micro in _step_batches(run):
+        start, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
+        loss_sum, tokens, seen = _forward_backward(run, micro)
+        grad_norm = _optimizer_step(run, loss_sum)
+        run.step += 1
+        _account_skipped(run, micro)
+        info = StepInfo(run.step, loss_sum, lr, grad_norm, int(tokens),
+                        seen / max(time.perf_counter() - start, 1e-9), len(run.skipped))
+        run.history.append(info)
+        if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
+            run.logger.log({"epoch": epoch, **dataclasses.asdict(info)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{info.lr:.2e}")
+        if run.step % cfg.save_steps == 0 and run.step < run.total_steps:
+            save(run, run.output_dir / f"checkpoint-{run.step}")
+        for callback in callbacks:
+            callback(info)
+    bar.close()
+
+
+def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]:
+    """Accumulate gradients over the step's micro-batches; returns (mean token loss, supervised tokens,
+    input tokens/s numerator)."""
+    info = run.info
+    total_tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro), info)
+    if total_tokens == 0:
+        raise TrainingError(f"step {run.step + 1} has no supervised tokens (all rows skipped or unlabelled)")
+    loss_sum, seen = 0.0, 0
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16)
+    for batch in micro:
+        if not batch["indices"] and not info.enabled:
+            continue
+        with autocast:
+            ce, _ = run.module(batch["input_ids"].to(info.device), batch["labels"].to(info.device),
+                               [p.to(info.device) for p in batch["pixel_values"]], batch["image_sizes"])
+        # DDP/FSDP average gradients over ranks: scale by world size so the global sum / tokens results.
+        (ce * info.world_size / total_tokens).backward()
+        loss_sum += float(ce.detach())
+        seen += int((batch["input_ids"] != run.dataset.pad_id).sum())
+    return all_reduce_sum(loss_sum, info) / total_tokens, total_tokens, all_reduce_sum(seen, info)
+
+
+def _optimizer_step(run: Run, loss: float) -> float:
+    params = [p for p in run.module.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        run.nonfinite_streak += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.nonfinite_streak >= run.cfg.max_nonfinite_steps:
+            raise TrainingError(f"the loss was not finite for {run.nonfinite_streak} steps in a row (last at step "
+                                f"{run.step + 1}); lower the learning rate or check the data")
+        return norm
+    run.nonfinite_streak = 0
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _account_skipped(run: Run, micro: list[dict]) -> None:
+    for batch in micro:
+        for s in batch["skipped"]:
+            if s.index not in run.skipped:
+                run.skipped[s.index] = s.reason
+                if run.info.is_main:
+                    tqdm.write(f"skipped row {s.index}: {s.reason}")
+    limit = run.cfg.max_bad_fraction * len(run.dataset)
+    if len(run.skipped) > limit:
+        rows = ", ".join(f"{i} ({r})" for i, r in list(run.skipped.items())[:10])
+        raise TrainingError(f"{len(run.skipped)} of {len(run.dataset)} rows were skipped, more than "
+                            f"max_bad_fraction={run.cfg.max_bad_fraction}: {rows}; fix the data or raise the limit")
+
+
+def save(run: Run, directory: Path) -> None:
+    """A checkpoint at `directory` (collective: every rank gathers, rank 0 writes)."""
+    state = ckpt.full_model_state(run.module)
+    training = ckpt.training_state(run.module, run.optimizer, run.scheduler, run.step)
+    if not run.info.is_main:
+        return
+    model = ckpt.plain_model(run.model.cfg, {k.removeprefix("model."): v for k, v in state.items()})
+    if run.cfg.stage == "lora":
+        with torch.random.fork_rng(devices=[]):  # adapter init draws random numbers: keep training's RNG as saved
+            model = _with_lora_tensors(run, model, state)
+    lora = dict(r=run.cfg.lora_r, alpha=run.cfg.lora_alpha, dropout=run.cfg.lora_dropout)
+    ckpt.save_checkpoint(directory, lambda d: ckpt.write_model(d, model, run.cfg.stage, run.processor.tokenizer,
+                                                               run.cfg.model, lora, run.extra_tensors),
+                         training, run.cfg.save_total_limit)
+
+
+def _with_lora_tensors(run: Run, model, state: dict[str, Any]):
+    """A LoRA-shaped copy holding the gathered adapter tensors (so save_adapter can write them)."""
+    apply_lora(model, r=run.cfg.lora_r, alpha=run.cfg.lora_alpha, dropout=run.cfg.lora_dropout)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+    return model
+
+
+def finish(run: Run) -> None:
+    """The final model in output_dir, plus the loss curve."""
+    save(run, run.output_dir / "final")
+    if run.info.is_main:
+        plot_loss_curve(run.logger.path, run.output_dir / "loss_curve.png")
+
+
+def cleanup(run: Run) -> None:
+    run.logger.close()
+    dist_cleanup(run.info)
