@@ -42,6 +42,7 @@ class CheckpointSpec:
     text: dict
     shard_bytes: int = 1 << 30
     seed: int = 0
+    dtype: str = "float16"  # the stored dtype: a torch dtype name
 
 
 def _text(hidden: int, intermediate: int, layers: int, heads: int) -> dict:
@@ -61,13 +62,13 @@ PRESETS: dict[str, CheckpointSpec] = {
 
 
 def transformers_config(spec: CheckpointSpec):
-    """The transformers LlavaConfig for `spec` (fp16, llama decoder, CLIP tower)."""
+    """The transformers LlavaConfig for `spec` (spec.dtype, llama decoder, CLIP tower)."""
     from transformers import LlavaConfig
 
     text = dict(model_type="llama", vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 bos_token_id=1, eos_token_id=2, pad_token_id=32001, tie_word_embeddings=False, **spec.text)
     vision = dict(model_type="clip_vision_model", **spec.vision)
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID, dtype="float16")
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=IMAGE_TOKEN_ID, dtype=spec.dtype)
 
 
 def hub_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -86,12 +87,13 @@ def _hub_name(key: str) -> str:
     raise KeyError(f"no hub name for transformers tensor {key}")
 
 
-def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[list[str]]:
-    """Names grouped into shards of at most `shard_bytes` of fp16 (a bigger tensor gets its own)."""
+def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int, itemsize: int = 2) -> list[list[str]]:
+    """Names grouped into shards of at most `shard_bytes` of `itemsize`-byte elements (a bigger tensor
+    gets its own)."""
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
-        nbytes = 2 * torch.Size(shape).numel()
+        nbytes = itemsize * torch.Size(shape).numel()
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -102,15 +104,16 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], shard_bytes: int) -> list[li
 
 def write_shards(shapes: dict[str, tuple[int, ...]], directory: Path, spec: CheckpointSpec,
                  log: Callable[[str], None]) -> int:
-    """Random fp16 tensors, shard by shard, plus model.safetensors.index.json; returns the total bytes."""
+    """Random spec.dtype tensors, shard by shard, plus model.safetensors.index.json; returns the total bytes."""
     gen = torch.Generator().manual_seed(spec.seed)
-    shards = plan_shards(shapes, spec.shard_bytes)
+    dtype = getattr(torch, spec.dtype)
+    shards = plan_shards(shapes, spec.shard_bytes, dtype.itemsize)
     weight_map: dict[str, str] = {}
     total = 0
     for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         log(f"writing {file} ({len(names)} tensors)")
-        part = {n: torch.randn(shapes[n], generator=gen, dtype=torch.float16).mul_(0.02) for n in names}
+        part = {n: torch.randn(shapes[n], generator=gen, dtype=dtype).mul_(0.02) for n in names}
         save_file(part, directory / file, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in part.values())
         weight_map.update(dict.fromkeys(names, file))

@@ -126,7 +126,7 @@ def hf_rope_fields(rope: RopeConfig, max_position: int) -> dict:
     params: dict[str, Any] = {"rope_type": rope.kind, "rope_theta": rope.theta}
     if rope.kind != "default":
         params["factor"] = rope.factor
-    if rope.original_max_position != max_position:
+    if rope.kind == "dynamic" and rope.original_max_position != max_position:  # only dynamic NTK reads it
         params["original_max_position_embeddings"] = rope.original_max_position
     scaling = None if rope.kind == "default" else {"type": rope.kind, **params}
     return {"rope_theta": rope.theta, "rope_scaling": scaling, "rope_parameters": params}
