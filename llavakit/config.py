@@ -420,3 +420,26 @@ def vision_tower_missing_message(name: str | None) -> str:
     return (f"this original-layout LLaVA checkpoint needs the vision tower {name!r}, which is not in the "
             f"checkpoint and not in the Hugging Face cache; download it (huggingface-cli download {name}) "
             "or pass its local directory as vision_tower= (CLI: --vision-tower DIR)")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Continuous-batching engine limits. `num_kv_blocks` None: sized from `kv_cache_memory` (bytes) or, on
+    CUDA, from gpu_memory_utilization of the free memory."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None  # None: the model's context length
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    vision_cache_images: int = 256  # encoded images kept by content hash
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -148,7 +148,6 @@ def test_predict_chunks_cover_the_questions(ckpt, tmp_path):
     (["predict", "--model", "{d}", "--questions", "/no/q.jsonl", "--answers", "{tmp}/a.jsonl"], "does not exist"),
     (["predict", "--model", "{d}", "--questions", "{d}/config.json", "--answers", "{tmp}/a.jsonl", "--num-chunks",
       "2", "--chunk-idx", "5"], "--chunk-idx must be in"),
-    (["chat"], "no --model given"),
 ])
 def test_runtime_errors_are_one_line_exit_1(ckpt, tmp_path, capsys, monkeypatch, argv, message):
     import huggingface_hub.constants

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from llavakit.cli.common import CliError, add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
 HELP = "chat about an image, several rounds, answers streamed"
 EXAMPLE = """examples:
@@ -95,9 +95,6 @@ def _lines(interactive: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model is None:
-        raise CliError("no --model given and the built-in demo model is not available yet; "
-                       "pass --model DIR (a checkpoint directory, hub id or alias such as llava-1.5-7b)")
     pipe = load_pipeline(args)
     if args.images:
         pipe.processor.prepare_images(args.images)  # a bad image fails before the first question

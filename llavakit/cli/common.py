@@ -19,7 +19,8 @@ class CliError(Exception):
 def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-path", dest="model", required=required, metavar="M",
-                   help="checkpoint directory, hub id (org/name) or alias such as llava-1.5-7b")
+                   help="checkpoint directory, hub id (org/name) or alias such as llava-1.5-7b"
+                        + ("" if required else "; default: the built-in demo model"))
     g.add_argument("--revision", help="hub revision (branch, tag or commit)")
     g.add_argument("--vision-tower", metavar="DIR",
                    help="local CLIP directory for original checkpoints whose tower is not inside")
@@ -52,7 +53,7 @@ def load_pipeline(args: argparse.Namespace):
     from llavakit.weights.hub import resolve_alias
 
     name = resolve_alias(args.model)
-    print(f"loading {name} ...", file=sys.stderr, flush=True)
+    print(f"loading {'the demo model' if args.model in (None, 'demo') else name} ...", file=sys.stderr, flush=True)
     return llavakit.load(name, dtype=args.dtype, device=args.device, vision_tower=args.vision_tower,
                          conv_mode=template_override(args), revision=args.revision, fetch_policy=FetchPolicy())
 

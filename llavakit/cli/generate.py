@@ -18,7 +18,7 @@ EXAMPLE = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_flags(p)
+    add_model_flags(p, required=False)
     p.add_argument("--image", "--image-file", dest="images", action="append", default=[], metavar="PATH_OR_URL",
                    help="image file, http(s) URL or data: URL (repeatable, in prompt order)")
     p.add_argument("--prompt", "--query", dest="prompt", required=True,

@@ -12,12 +12,12 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
-def resolve_model_dir(name: str | Path, revision: str | None = None) -> Path:
+def resolve_model_dir(name: str | Path | None, revision: str | None = None) -> Path:
     """A local directory holding the checkpoint `name` (a path or a hub id such as org/model)."""
+    name = resolve_alias(name)
     path = Path(name)
     if path.is_dir():
         return path
-    name = resolve_alias(name)
     if not _REPO_ID.match(str(name)):
         raise WeightsError(f"model {str(name)!r} is not a directory and not a hub id (org/name); "
                            "pass a checkpoint directory")
@@ -47,8 +47,17 @@ for _short in list(ALIASES):  # llava-v1.5-7b and llava-1.6-vicuna-7b spell the 
     ALIASES[_short.replace("llava-1.5", "llava-v1.5").replace("llava-v1.6", "llava-1.6")] = ALIASES[_short]
 
 
-def resolve_alias(name: str | Path) -> str | Path:
-    """The hub id an alias stands for; anything else unchanged. A local directory always wins."""
-    if Path(name).is_dir():
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+
+
+def resolve_alias(name: str | Path | None) -> str | Path:
+    """The hub id an alias stands for ("demo" or None: the built-in demo model); anything else
+    unchanged. A local directory always wins."""
+    if name is not None and Path(name).is_dir():
         return name
+    if name is None or str(name) == "demo":
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise WeightsError("the built-in demo model is not installed in this copy of llavakit; build it with "
+                               "`llavakit demo train --install` or pass --model")
+        return DEMO_MODEL
     return ALIASES.get(str(name).lower(), name)

@@ -212,3 +212,14 @@ def test_pretrain_builds_a_llava_from_a_text_llm_and_clip(tmp_path):
                                llm.model.embed_tokens.weight)  # the LLM itself did not train
     hf_loaded = transformers.LlavaForConditionalGeneration.from_pretrained(out)
     assert hf_loaded.config.image_token_id == 32000
+
+
+def test_gradient_checkpointing_gives_the_same_losses(base, tmp_path):
+    plain = [s.loss for s in train(config(base, tmp_path / "a", max_steps=3))]
+    checkpointed = [s.loss for s in train(config(base, tmp_path / "b", max_steps=3, gradient_checkpointing=True))]
+    assert max(abs(a - b) for a, b in zip(plain, checkpointed)) < 1e-5
+
+
+def test_bf16_autocast_trains(base, tmp_path):
+    history = train(config(base, tmp_path, max_steps=6, bf16=True))
+    assert all(math.isfinite(s.loss) for s in history) and history[-1].loss < history[0].loss

@@ -1,0 +1,114 @@
+"""The built-in demo model: its data generator, its recipe (cut down), and the shipped checkpoint."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import llavakit
+from llavakit.demo.evaluate import correct, iou, parse_box
+from llavakit.demo.questions import QA, PHRASES, conversation
+from llavakit.demo.scenes import COLORS, SHAPES, draw_shape, random_scene
+from llavakit.processing.image import expand2square
+from llavakit.weights.hub import DEMO_MODEL
+
+
+def test_scenes_are_deterministic_and_cover_every_colour_and_shape():
+    a = [random_scene(random.Random(s)) for s in range(300)]
+    b = [random_scene(random.Random(s)) for s in range(300)]
+    assert a == b
+    assert {s.color for sc in a for s in sc.shapes} == set(COLORS)
+    assert {s.kind for sc in a for s in sc.shapes} == set(SHAPES)
+    assert len({(sc.width, sc.height) for sc in a}) >= 5  # mixed aspect ratios
+    assert any(sc.background[0] != sc.background[1] for sc in a)  # gradients as well as plain backgrounds
+    for sc in a:
+        for shape in sc.shapes:
+            box = sc.norm_box(shape)
+            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
+def test_questions_use_many_phrasings():
+    rng = random.Random(0)
+    asked = [qa.question for s in range(400) for qa in conversation(rng, random_scene(rng), 4)]
+    for kind in ("color", "count", "where", "exists"):
+        used = {p for p in PHRASES[kind] if any(q.startswith(p.split("{")[0]) for q in asked)}
+        assert len(used) >= 4, kind
+
+
+def test_box_is_in_the_padded_square_frame():
+    rng = random.Random(5)
+    scene = next(s for s in (random_scene(rng) for _ in range(50)) if s.width != s.height)
+    square = expand2square(scene.render(), (0, 0, 0))
+    for shape in scene.shapes:
+        x1, y1, x2, y2 = (v * square.width for v in scene.norm_box(shape))
+        center = square.getpixel((int((x1 + x2) / 2), int((y1 + y2) / 2)))
+        if shape.kind != "star":  # a star's centre is filled too, but keep the check to solid shapes
+            assert center == COLORS[shape.color]
+
+
+def test_grading():
+    assert parse_box("It is at [0.10, 0.20, 0.50, 0.60].") == [0.1, 0.2, 0.5, 0.6]
+    assert iou([0, 0, 1, 1], [0, 0, 0.5, 1]) == pytest.approx(0.5)
+    assert correct(QA("q", "[0.10, 0.20, 0.50, 0.60]", "grounding", box=[0.1, 0.2, 0.5, 0.6]), "[0.12, 0.2, 0.5, 0.6]")
+    assert not correct(QA("q", "[0.10, 0.20, 0.50, 0.60]", "grounding", box=[0.1, 0.2, 0.5, 0.6]), "[0.6, 0.6, 0.9, 0.9]")
+    assert correct(QA("q", "Two.", "count"), "2") and correct(QA("q", "Red.", "color"), "red")
+    assert not correct(QA("q", "Red.", "color"), "Blue.")
+
+
+def test_cut_down_recipe_runs(tmp_path, monkeypatch):
+    from llavakit.demo import recipe
+
+    model, report = recipe.train_demo(tmp_path, scale=0.004, eval_scenes=2)
+    assert report is not None and sum(report.total.values()) > 0
+    pipe = llavakit.load(model, dtype="float32", device="cpu")
+    assert pipe.template.name == "vicuna_v1" and pipe.config.image.mode == "pad"
+    assert (tmp_path / "stage2" / "loss_curve.png").is_file()
+
+
+shipped = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo model not built")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return llavakit.load("demo", dtype="float32", device="cpu")
+
+
+def _drawing(width, height, shapes, background=(236, 236, 236)):
+    img = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(img)
+    for kind, color, box in shapes:
+        draw_shape(draw, kind, box, COLORS[color])
+    return img
+
+
+@shipped
+def test_demo_answers_about_pictures_drawn_by_hand(demo):
+    one = _drawing(150, 110, [("circle", "red", (40, 25, 100, 85))])
+    assert demo.generate("What color is the circle?", images=[one]).text == "Red."
+    two = _drawing(140, 140, [("square", "blue", (10, 20, 60, 70)), ("triangle", "yellow", (80, 70, 130, 120))])
+    assert demo.generate("How many shapes are there?", images=[two]).text == "Two."
+    assert demo.generate("Is there a blue square?", images=[two]).text == "Yes."
+    assert demo.generate("Is there a green star?", images=[two]).text == "No."
+    box = parse_box(demo.generate("Where is the yellow triangle?", images=[two]).text)
+    assert box is not None and iou(box, [80 / 140, 70 / 140, 130 / 140, 120 / 140]) >= 0.5
+
+
+@shipped
+def test_transformers_loads_the_demo_and_gives_the_same_answers(demo):
+    from transformers import LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    rng = random.Random(123)
+    for _ in range(3):
+        image = random_scene(rng).render()
+        for question in ("Describe the image.", "How many shapes are there?"):
+            ids = demo.tokenize(question, images=[image])
+            pixels = demo.processor.prepare_images([image])[0].pixel_values
+            with torch.no_grad():
+                ref = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=30,
+                                  do_sample=False)[0, len(ids):].tolist()
+            ours = demo.generate(question, images=[image], max_new_tokens=30).token_ids
+            assert ours == ref[:len(ours)] and (len(ours) == len(ref) or ours[-1] == demo.tokenizer.eos_token_id)
