@@ -7,6 +7,7 @@ timings. The continuous-batching engine replaces the loop, not the model or the 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from llavakit.layers.attention import AttentionMetadata, KVCache
-from llavakit.layers.sampler import apply_repetition_penalty, sample_token
+from llavakit.layers.sampler import sample_batch
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.detokenizer import IncrementalDetokenizer
 from llavakit.processing.prompt import PreparedImage
@@ -71,9 +72,11 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], images
     generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
     timings.vision_ms = (t1 - t0) * 1e3
     start = t1
+    counts: Counter = Counter()
     for pos in range(len(ids), max_len + 1):
-        logits = apply_repetition_penalty(model.compute_logits(hidden[0, -1]).float(), seen, params.repetition_penalty)
-        token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator)
+        logits = model.compute_logits(hidden[0, -1:]).float()
+        token = sample_batch(logits, [params], [seen], [counts], [generator])[0][0]
+        counts[token] += 1
         now = _now(device)
         if pos == len(ids):
             timings.prefill_ms = (now - start) * 1e3

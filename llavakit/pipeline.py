@@ -55,20 +55,39 @@ def load_tokenizer(directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(directory)
 
 
-def load(model: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto", *,
-         vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
-         fetch_policy: FetchPolicy | None = None) -> "Pipeline":
-    """Load a LLaVA checkpoint (directory or hub id) in any supported layout.
+def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+         *, vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
+         fetch_policy: FetchPolicy | None = None, load_format: str = "auto",
+         tokenizer: str | Path | None = None) -> "Pipeline":
+    """Load a LLaVA checkpoint (directory, hub id, alias, or "demo": the built-in model) in any layout.
 
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
     directory for original checkpoints that do not contain their tower. conv_mode: override the
-    conversation template chosen from the checkpoint's files.
+    conversation template chosen from the checkpoint's files. load_format="dummy": `model` names a preset
+    (llavakit.presets) and the weights are random, for speed and memory measurements; `tokenizer` is then
+    required: a tokenizer directory matching the preset's vocabulary (e.g. a LLaMA tokenizer).
     """
+    if load_format == "dummy":
+        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode)
     directory = resolve_model_dir(model, revision)
     processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy)
     dev = resolve_device(device)
     net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev)
     return Pipeline(net, processor)
+
+
+def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode) -> "Pipeline":
+    from llavakit.presets import preset_config
+    from llavakit.weights.loader import random_llava
+
+    cfg = preset_config(preset)
+    if tokenizer_dir is None:
+        raise ValueError("load_format='dummy' needs tokenizer= (a tokenizer directory whose vocabulary fits the "
+                         f"preset's {cfg.text.vocab_size} tokens)")
+    dev = resolve_device(device)
+    tok = load_tokenizer(Path(tokenizer_dir))
+    template = get_template(conv_mode or default_template_name(cfg, tok))
+    return Pipeline(random_llava(cfg, resolve_dtype(dtype, dev), dev), PromptProcessor(cfg, tok, template))
 
 
 def load_processor(directory: Path, *, vision_tower: str | Path | None = None, conv_mode: str | None = None,

@@ -1,8 +1,9 @@
 """Causal self-attention over a KV cache that the caller owns.
 
 The model never allocates or keeps a cache: each forward call receives the per-layer cache tensors and
-an `AttentionMetadata` saying where the new tokens go. The simple generation path uses a contiguous
-cache (`KVCache`); the engine passes its own (paged) cache and metadata through the same seam.
+metadata saying where the new tokens go. The simple generation path uses a contiguous cache (`KVCache`)
+with `AttentionMetadata`; the engine passes its paged cache with `PagedAttentionMetadata` through the same
+call, and `Attention.forward` dispatches on the metadata's type (paged_attention.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llavakit.layers.paged_attention import PagedAttentionMetadata, paged_attention
 
 
 @dataclass(slots=True)
@@ -64,8 +67,17 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
-        """q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H * D)."""
+                cache: tuple[torch.Tensor, torch.Tensor] | None,
+                meta: AttentionMetadata | PagedAttentionMetadata) -> torch.Tensor:
+        """q (B, T, H, D), k/v (B, T, H_kv, D) -> (B, T, H * D).
+
+        With `PagedAttentionMetadata`, B is 1 and T the flattened new tokens of every sequence; the cache is
+        then the layer's (k_cache, v_cache) pages, each (num_blocks, block_size, H_kv, D).
+        """
+        if isinstance(meta, PagedAttentionMetadata):
+            if cache is None:
+                raise ValueError("paged attention needs the layer's (k_cache, v_cache) pages, got None")
+            return paged_attention(q, k, v, cache, meta, self.sliding_window)
         b, t = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         start = meta.start_pos

@@ -84,6 +84,10 @@ class PromptProcessor:
 
     def tokenize(self, text: str, images: list[PreparedImage]) -> list[int]:
         """Input ids of rendered `text` with each image tag expanded to its image's feature count."""
+        return self.tokenize_with_spans(text, images)[0]
+
+    def tokenize_with_spans(self, text: str, images: list[PreparedImage]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Input ids, and (start, length) of each image's placeholder run in them."""
         if self.cfg.use_im_start_end:  # the original wraps the tag in text, then tokenizes around it
             text = text.replace(IMAGE_TAG, f"<im_start>{IMAGE_TAG}<im_end>")
         chunks = tokenize_chunks(self.tokenizer, text, IMAGE_TAG)
@@ -91,6 +95,8 @@ class PromptProcessor:
             raise ValueError(f"the prompt has {len(chunks) - 1} {IMAGE_TAG} tags but {len(images)} images were "
                              f"given; put one {IMAGE_TAG} where each image goes, or let the template place them")
         ids = list(chunks[0])
+        spans = []
         for image, chunk in zip(images, chunks[1:]):
+            spans.append((len(ids), image.num_tokens))
             ids += [self.cfg.image_token_id] * image.num_tokens + chunk
-        return ids
+        return ids, spans

@@ -157,3 +157,25 @@ def _materialize_buffers(model: LlavaForConditionalGeneration, device) -> None:
 def _short_list(names: list[str]) -> str:
     more = f" (+{len(names) - _LIST_LIMIT} more)" if len(names) > _LIST_LIMIT else ""
     return ", ".join(names[:_LIST_LIMIT]) + more
+
+
+def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                 std: float = 0.02) -> LlavaForConditionalGeneration:
+    """A model with random weights and no checkpoint (load_format="dummy"): built on the meta device,
+    allocated once on `device`, filled with N(0, std) weights, zero biases and unit norms."""
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(cfg)
+    model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1 and ("norm" in name or "layrnorm" in name):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=generator)
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    _materialize_buffers(model, device)
+    return model.to(dtype).eval()

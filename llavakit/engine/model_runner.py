@@ -1,0 +1,117 @@
+"""The only owner of the device: paged KV-cache tensors, batch preparation, the vision-feature cache,
+and the model call for one scheduled step.
+
+One step is a flat batch: every scheduled sequence contributes its new tokens (a prompt chunk or one
+decode token) to a single row of N tokens; attention finds each sequence's context through its block
+table. Images are encoded once per content hash (all of a step's new images in one tower call) and
+kept in an LRU cache, so a repeated image or a resumed prompt never runs the tower again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from llavakit.config import EngineConfig
+from llavakit.engine.scheduler import ScheduledBatch
+from llavakit.layers.attention import PagedAttentionMetadata
+from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.processing.prompt import PreparedImage
+
+
+def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int:
+    """Bytes one KV block takes over all layers (keys and values)."""
+    t = model.cfg.text
+    return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * model.lm_head.weight.element_size()
+
+
+def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> int:
+    """Blocks for the KV cache: as configured, from kv_cache_memory, or from free GPU memory."""
+    if cfg.num_kv_blocks:
+        return cfg.num_kv_blocks
+    per_block = kv_block_bytes(model, cfg.block_size)
+    device = model.lm_head.weight.device
+    if cfg.kv_cache_memory:
+        budget = cfg.kv_cache_memory
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
+    else:  # CPU: room for max_num_seqs full-length sequences, capped at 4 GiB
+        budget = min(cfg.max_num_seqs * max_model_len * per_block // cfg.block_size, 4 << 30)
+    blocks = budget // per_block
+    if blocks * cfg.block_size < max_model_len:
+        raise ValueError(f"the KV cache holds {blocks * cfg.block_size} tokens, less than max_model_len "
+                         f"{max_model_len}; give it more memory (kv_cache_memory / gpu_memory_utilization)")
+    return int(blocks)
+
+
+class ModelRunner:
+    """Runs scheduled steps of one model on its device."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, cfg: EngineConfig, num_blocks: int):
+        self.model, self.cfg = model, cfg
+        t = model.cfg.text
+        self.device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        shape = (num_blocks, cfg.block_size, t.num_key_value_heads, t.head_dim)  # (blocks, slots, H_kv, D)
+        self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                          torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_hidden_layers)]
+        self.features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.images_encoded = 0
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, images: dict[str, PreparedImage]) -> tuple[list[int], torch.Tensor]:
+        """Compute one step; returns the seq_ids that sample and their next-token logits (S', V), fp32."""
+        ids, positions, slots, feats = [], [], [], []
+        self._encode_missing(batch, images)
+        for item in batch.items:
+            seq, end = item.seq, item.start + item.num_tokens
+            ids += seq.token_ids[item.start:end]
+            positions += range(item.start, end)
+            slots += [seq.block_table[p // self.cfg.block_size] * self.cfg.block_size + p % self.cfg.block_size
+                      for p in range(item.start, end)]
+            feats += [self.features[span.content_hash][a:b] for span, a, b in seq.images_in(item.start, end)]
+        meta = self._metadata(batch, slots)
+        input_ids = torch.tensor([ids], device=self.device)
+        embeds = self.model.embed_inputs(input_ids, feats or None)
+        hidden = self.model(embeds, torch.tensor([positions], device=self.device), self.kv_cache, meta)
+        last = [i for i, item in enumerate(batch.items) if item.samples]
+        rows = meta.query_start_loc[1:][last] - 1
+        logits = self.model.compute_logits(hidden[0, rows]).float()
+        return [batch.items[i].seq.seq_id for i in last], logits
+
+    def _metadata(self, batch: ScheduledBatch, slots: list[int]) -> PagedAttentionMetadata:
+        query_lens = [item.num_tokens for item in batch.items]
+        context_lens = [item.start + item.num_tokens for item in batch.items]
+        width = max(len(item.seq.block_table) for item in batch.items)
+        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.items]
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        dev = self.device
+        return PagedAttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
+            decode_only=all(n == 1 for n in query_lens))
+
+    def _encode_missing(self, batch: ScheduledBatch, images: dict[str, PreparedImage]) -> None:
+        """Encode, in one tower call, every image this step needs that the cache does not hold."""
+        todo: dict[str, PreparedImage] = {}
+        for item in batch.items:
+            for span, _, _ in item.seq.images_in(item.start, item.start + item.num_tokens):
+                if span.content_hash in self.features:
+                    self.features.move_to_end(span.content_hash)
+                else:
+                    todo[span.content_hash] = images[span.content_hash]
+        if not todo:
+            return
+        encoded = self.model.encode_images([p.pixel_values.to(self.device) for p in todo.values()],
+                                           [p.size for p in todo.values()])
+        self.images_encoded += len(todo)
+        for key, feats in zip(todo, encoded):
+            self.features[key] = feats
+        while len(self.features) > max(self.cfg.vision_cache_images, len(todo)):
+            self.features.popitem(last=False)

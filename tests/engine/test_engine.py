@@ -1,0 +1,164 @@
+"""The engine against the plain generate loop and transformers: mixed batches, AnyRes images, chunked
+prefill, preemption, prefix caching, per-request sampling, streaming and abort."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from checkpoints import PINPOINTS, build_hf_model, processor_config, text_config_dict, write_hf_checkpoint
+from conftest import noise_image
+from parity import hf_processor
+
+import llavakit
+from llavakit.config import EngineConfig
+from llavakit.engine.async_engine import AsyncLLMEngine
+from llavakit.engine.llm_engine import LLM, LLMEngine
+from llavakit.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = build_hf_model("llava_next", text=text_config_dict(num_key_value_heads=2), seed=11)
+    d = write_hf_checkpoint(hf, tmp_path_factory.mktemp("eng") / "ck", "hub",
+                            processor=processor_config("LlavaNextImageProcessor", image_grid_pinpoints=PINPOINTS))
+    return hf, d, llavakit.load(d, dtype="float32", device="cpu")
+
+
+IMAGES = [noise_image(100, 30, seed=1), noise_image(25, 90, seed=2), noise_image(9, 7, seed=3),
+          noise_image(60, 60, seed=4)]
+PROMPTS = ["What is this?", "Describe the picture in detail please.", "Colour?", "Is it big or small, and why?"]
+
+
+def requests():
+    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS, IMAGES)]
+    reqs.append({"prompt": "No image here, just text."})
+    reqs.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                              {"role": "user", "content": "Which one?"}], "images": [IMAGES[0]]})
+    return reqs
+
+
+def run(engine: LLMEngine, reqs, params):
+    params = params if isinstance(params, list) else [params] * len(reqs)
+    for i, (r, p) in enumerate(zip(reqs, params)):
+        engine.add_request(f"r{i}", r, p)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[f"r{i}"] for i in range(len(reqs))]
+
+
+def reference(pipe, req, **kw):
+    if "messages" in req:
+        return pipe.chat(req["messages"], images=req.get("images"), **kw)
+    return pipe.generate(req["prompt"], images=req.get("images"), **kw)
+
+
+GREEDY = [SamplingParams(max_tokens=n) for n in (12, 5, 20, 9, 15, 7)]
+
+
+@pytest.mark.parametrize("cfg", [
+    EngineConfig(num_kv_blocks=256),
+    EngineConfig(num_kv_blocks=256, max_num_batched_tokens=16),  # chunked prefill: every prompt in pieces
+    EngineConfig(num_kv_blocks=40, block_size=8),  # too small for all at once: preemption by recompute
+    EngineConfig(num_kv_blocks=256, enable_prefix_caching=False, enable_chunked_prefill=False),
+], ids=["roomy", "chunked", "preempting", "plain"])
+def test_mixed_batch_equals_the_plain_loop(tiny, cfg):
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, cfg)
+    outs = run(engine, requests(), GREEDY)
+    for req, p, out in zip(requests(), GREEDY, outs):
+        ref = reference(pipe, req, max_new_tokens=p.max_tokens)
+        assert out.token_ids == ref.token_ids and out.text == ref.text
+        assert out.prompt_token_ids == ref.prompt_token_ids
+    assert engine.block_manager.num_free_blocks == cfg.num_kv_blocks  # nothing leaked
+
+
+def test_equals_transformers(tiny):
+    hf, d, pipe = tiny
+    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))
+    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS[:3], IMAGES[:3])]
+    outs = run(engine, reqs, SamplingParams(max_tokens=20, ignore_eos=True))
+    proc = hf_processor("llava_next", d)
+    for req, out in zip(reqs, outs):
+        inputs = proc(images=req["images"], text=pipe.processor.render_prompt(req["prompt"], 1), return_tensors="pt")
+        with torch.no_grad():
+            ref = hf.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        assert out.token_ids == ref[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_prefix_cache_reuses_blocks_and_skips_the_tower(tiny):
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, block_size=8))
+    first = run(engine, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
+    encoded = engine.runner.images_encoded
+    again = run(engine, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
+    assert again.token_ids == first.token_ids and again.num_cached_tokens > 0
+    assert engine.runner.images_encoded == encoded  # the repeated image was not encoded again
+    other = run(engine, [{"prompt": PROMPTS[0], "images": [noise_image(100, 30, seed=99)]}],
+                SamplingParams(max_tokens=6))[0]
+    ref = pipe.generate(PROMPTS[0], images=[noise_image(100, 30, seed=99)], max_new_tokens=6)
+    assert other.token_ids == ref.token_ids  # same placeholder ids, other image: no collision
+
+
+def test_a_repeated_image_in_one_batch_is_encoded_once(tiny):
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, enable_prefix_caching=False))
+    run(engine, [{"prompt": p, "images": [IMAGES[1]]} for p in PROMPTS], SamplingParams(max_tokens=3))
+    assert engine.runner.images_encoded == 1
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
+    _, _, pipe = tiny
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    alone = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), [requests()[0]], seeded)[0]
+    mixed = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), requests(),
+                [seeded] + [SamplingParams(max_tokens=8, temperature=0.8, seed=i) for i in range(5)])[0]
+    assert alone.token_ids == mixed.token_ids
+
+
+def test_n_completions_stop_strings_and_logprobs(tiny):
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))
+    out = run(engine, [requests()[0]], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1, logprobs=2))[0]
+    assert len(out.outputs) == 3 and len({tuple(o.token_ids) for o in out.outputs}) > 1
+    assert all(len(o.logprobs) == len(o.token_ids) for o in out.outputs)
+    full = reference(pipe, requests()[0], max_new_tokens=12)
+    needle = full.text[len(full.text) // 2:][:3]
+    stopped = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), [requests()[0]],
+                  SamplingParams(max_tokens=12, stop=[needle]))[0]
+    assert stopped.outputs[0].finish_reason == "stop" and stopped.text == full.text[:full.text.index(needle)]
+
+
+def test_llm_api(tiny):
+    _, d, pipe = tiny
+    llm = LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=128)
+    outs = llm.generate(requests()[:3], SamplingParams(max_tokens=6), use_tqdm=False)
+    assert [o.text for o in outs] == [reference(pipe, r, max_new_tokens=6).text for r in requests()[:3]]
+
+
+def test_async_engine_streams_and_aborts(tiny):
+    _, _, pipe = tiny
+    engine = AsyncLLMEngine(LLMEngine(pipe, EngineConfig(num_kv_blocks=64)))
+
+    async def main():
+        pieces = []
+        async for out in engine.generate(requests()[0], SamplingParams(max_tokens=10), "a"):
+            pieces.append(out.text)
+        stream = engine.generate(requests()[1], SamplingParams(max_tokens=200, ignore_eos=True), "b")
+        async for out in stream:
+            if len(out.token_ids) >= 2:
+                break
+        await stream.aclose()
+        return pieces
+
+    try:
+        pieces = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert pieces[-1] == reference(pipe, requests()[0], max_new_tokens=10).text
+    assert all(pieces[-1].startswith(p) for p in pieces)
+    assert engine.engine.block_manager.num_free_blocks == 64 and not engine.engine.has_unfinished()
