@@ -4,5 +4,14 @@ from llavakit.generation import GenerationOutput
 from llavakit.pipeline import Pipeline, load
 from llavakit.sampling import SamplingParams
 
-__all__ = ["load", "Pipeline", "GenerationOutput", "SamplingParams"]
+
+def __getattr__(name: str):
+    if name == "LLM":  # the engine is imported only when asked for
+        from llavakit.engine.llm_engine import LLM
+
+        return LLM
+    raise AttributeError(f"module 'llavakit' has no attribute {name!r}")
+
+
+__all__ = ["load", "LLM", "Pipeline", "GenerationOutput", "SamplingParams"]
 __version__ = "0.1.0"

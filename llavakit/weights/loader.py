@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llavakit.config import LlavaConfig, vision_tower_missing_message
+from llavakit.checkpoint_config import vision_tower_missing_message
+from llavakit.config import LlavaConfig
 from llavakit.layers.rotary import RotaryEmbedding
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.weights.files import WeightsError, find_weight_files, iter_tensors

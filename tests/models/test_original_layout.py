@@ -9,7 +9,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, TILE, build_hf_model, save_tokenizer, text_config_dict,
+from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, save_tokenizer, text_config_dict,
                          write_clip_tower, write_original_checkpoint)
 from conftest import noise_image
 from parity import SIZE, assert_parity, our_last_logits

@@ -8,9 +8,8 @@ greedy tokens.
 from __future__ import annotations
 
 import pytest
-import torch
 from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, processor_config, text_config_dict,
-                         vision_config_dict, write_hf_checkpoint, write_original_checkpoint)
+                         vision_config_dict, write_hf_checkpoint)
 from conftest import noise_image
 from parity import assert_parity, hf_processor
 
