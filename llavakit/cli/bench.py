@@ -45,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
     protocol = bench.seed004(engine, sizes, args.output_tokens)
     reqs, params = bench.mixed_workload(args.requests, max_out=args.output_tokens)
     print("offline throughput ...", file=sys.stderr)
+    encoded_before = engine.runner.images_encoded
     offline = bench.run_batch(engine, reqs, params)
     report = {"model": str(args.model), "device": str(pipe.device), "dtype": str(pipe.model.lm_head.weight.dtype),
               "date": datetime.date.today().isoformat(), "host": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "seed004": bench.as_rows(protocol),
               "offline": {"requests": args.requests, **bench.as_rows([offline])[0],
-                          "images_encoded": engine.runner.images_encoded}}
+                          "images_encoded": engine.runner.images_encoded - encoded_before,
+                          "distinct_images": len({id(r["images"][0]) for r in reqs})}}
     if args.compare_transformers:
         report["transformers"] = _compare(pipe, reqs, params, protocol, offline, args)
     _write(report, args)

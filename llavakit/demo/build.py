@@ -20,6 +20,7 @@ from llavakit.processing.conversation import TEMPLATES
 from llavakit.weights.save import save_llava_hf
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+FEATURE_LAYERS = -1  # the tower is trained from scratch: its last layer is the feature layer
 
 
 def _corpus(rng: random.Random) -> list[str]:
@@ -65,7 +66,7 @@ def demo_config(tokenizer) -> LlavaConfig:
                       pad_token_id=tokenizer.pad_token_id)
     return LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=96, crop_size=96),
                        model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                       vision_feature_layer=-1)
+                       vision_feature_layer=FEATURE_LAYERS)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:

@@ -79,9 +79,10 @@ def seed004(engine: LLMEngine, batch_sizes=range(1, 11), output_tokens: int = 25
 def mixed_workload(n: int, seed: int = 0, max_out: int = 256) -> tuple[list[dict], list[SamplingParams]]:
     """n requests: half with distinct images, half repeating four images; mixed question and answer lengths."""
     rng = random.Random(seed)
-    reqs, params = [], []
+    reqs, params, images = [], [], {}
     for i in range(n):
-        image = noise(i) if i % 2 == 0 else noise(10_000 + i % 4)
+        key = i if i % 2 == 0 else 10_000 + i % 4
+        image = images.setdefault(key, noise(key))
         reqs.append({"prompt": rng.choice(QUESTIONS), "images": [image]})
         params.append(SamplingParams(max_tokens=rng.randint(max_out // 8, max_out), ignore_eos=True))
     return reqs, params

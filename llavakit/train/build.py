@@ -107,15 +107,15 @@ def set_trainable(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: projector at mm_projector_lr; no weight decay on biases, norms and 1-D tensors."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW groups: projector at mm_projector_lr, vision tower at mm_vision_tower_lr (as LLaVA-NeXT),
+    everything else at learning_rate; no weight decay on biases, norms and 1-D tensors."""
+    groups: dict[tuple[str, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = (name.startswith("projector."), param.ndim >= 2)
-        groups.setdefault(key, []).append(param)
-    out = []
-    for (is_projector, decay), params in sorted(groups.items()):
-        lr = cfg.mm_projector_lr if is_projector and cfg.mm_projector_lr else cfg.learning_rate
-        out.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0})
-    return out
+        part = "projector" if name.startswith("projector.") else "vision" if name.startswith("vision_tower.") else ""
+        groups.setdefault((part, param.ndim >= 2), []).append(param)
+    rates = {"projector": cfg.mm_projector_lr, "vision": cfg.mm_vision_tower_lr}
+    return [{"params": params, "lr": rates.get(part) or cfg.learning_rate,
+             "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (part, decay), params in sorted(groups.items())]

@@ -35,6 +35,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-5
     mm_projector_lr: float | None = None
+    mm_vision_tower_lr: float | None = None  # with unfreeze_vision: the tower's own learning rate
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
