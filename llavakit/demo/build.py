@@ -20,6 +20,10 @@ from llavakit.processing.conversation import TEMPLATES
 from llavakit.weights.save import save_llava_hf
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# The demo speaks the mistral_instruct format: no system prompt, so the image and the question are nearly
+# all the model reads (with a 40-token system prompt in front, training learnt only the language prior).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                 "[/INST]{% else %} {{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
 FEATURE_LAYERS = -1  # the tower is trained from scratch: its last layer is the feature layer
 
 
@@ -52,11 +56,13 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     tok.train_from_iterator(_corpus(random.Random(seed)), trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", add_bos_token=True, model_max_length=1024)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
-def demo_config(tokenizer) -> LlavaConfig:
+def demo_config(tokenizer, feature_layers=None) -> LlavaConfig:
     """~6M parameters: a 4-layer CLIP-style tower on 96-pixel images (64 patches), a 4-layer decoder."""
     vision = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                           image_size=96, patch_size=12)
@@ -66,7 +72,7 @@ def demo_config(tokenizer) -> LlavaConfig:
                       pad_token_id=tokenizer.pad_token_id)
     return LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=96, crop_size=96),
                        model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                       vision_feature_layer=FEATURE_LAYERS)
+                       vision_feature_layer=FEATURE_LAYERS if feature_layers is None else feature_layers)
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
@@ -79,10 +85,10 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
     nn.init.normal_(model.vision_tower.embeddings.class_embedding, std=std)
 
 
-def write_initial_checkpoint(out: Path, seed: int = 0) -> Path:
+def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None) -> Path:
     """A random demo model in llava-hf layout, with its tokenizer: what stage 1 trains from."""
     tokenizer = build_tokenizer(seed=seed)
-    cfg = demo_config(tokenizer)
+    cfg = demo_config(tokenizer, feature_layers)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     init_weights(model)
@@ -94,13 +100,14 @@ def write_initial_checkpoint(out: Path, seed: int = 0) -> Path:
     return save_llava_hf(model, out, tokenizer=tokenizer, extra_tensors=extra)
 
 
-def write_dataset(out: Path, n: int, seed: int, turns: tuple[int, int] = (2, 5), kinds=None, weights=None) -> Path:
+def write_dataset(out: Path, n: int, seed: int, turns: tuple[int, int] = (2, 5), kinds=None, weights=None,
+                  max_shapes: int = 4) -> Path:
     """n scenes as PNG files and a LLaVA-format JSON of conversations about them."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=None):
-        scene = random_scene(rng)
+        scene = random_scene(rng, max_shapes)
         name = f"{seed}_{i}.png"
         scene.render().save(out / name)
         qas = conversation(rng, scene, rng.randint(*turns), **({"kinds": kinds, "weights": weights} if kinds else {}))

@@ -125,10 +125,8 @@ class LLMEngine:
 
     def _prepare(self, request: dict[str, Any]):
         proc = self.pipe.processor
-        raw_images = list(request.get("images") or [])
-        prepared = [im if isinstance(im, PreparedImage) else None for im in raw_images]
-        if None in prepared:
-            prepared = proc.prepare_images(raw_images)
+        prepared = [im if isinstance(im, PreparedImage) else proc.prepare_images([im])[0]
+                    for im in request.get("images") or []]
         conv_mode = request.get("conv_mode")
         stop = (proc.template if conv_mode in (None, "raw") else proc.template_for(conv_mode)).stop_str
         if "prompt_token_ids" in request:
