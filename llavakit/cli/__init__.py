@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llavakit.cli import bench, chat, demo, generate, merge_lora, predict, prompt, train
+from llavakit.cli import bench, chat, demo, evaluation, generate, ground, merge_lora, predict, prompt, train
 from llavakit.cli.common import USER_ERRORS, CliError
 
 EPILOG = """examples:
@@ -21,7 +21,7 @@ EPILOG = """examples:
 """
 
 SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt, "train": train,
-               "merge-lora": merge_lora, "demo": demo, "bench": bench}
+               "merge-lora": merge_lora, "demo": demo, "bench": bench, "eval": evaluation, "ground": ground}
 
 
 def build_parser() -> argparse.ArgumentParser:
