@@ -180,3 +180,16 @@ def test_help_reads_well_and_has_examples(command, capsys):
         main(([command] if command else []) + ["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "examples:" in out and "llavakit " in out
+
+
+def test_predict_benchmark_suffix(ckpt, tmp_path):
+    d, img, pipe = ckpt
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "image": img.name, "text": "What is it?"}) + "\n")
+    a = tmp_path / "a.jsonl"
+    assert main(["predict", "--model", str(d), "--questions", str(q), "--image-folder", str(img.parent),
+                 "--answers", str(a), "--benchmark", "vqav2", "--max-new-tokens", "4"]) == 0
+    row = json.loads(a.read_text())
+    ref = pipe.generate("What is it?\nAnswer the question using a single word or phrase.", images=[str(img)],
+                        max_new_tokens=4)
+    assert row["text"] == ref.text.strip() and row["prompt"] == "What is it?"

@@ -20,6 +20,16 @@ from tqdm.auto import tqdm
 from llavakit.cli.common import CliError, add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
 HELP = "answer a question file (model_vqa JSONL format), resumable, chunkable"
+
+# What LLaVA's evaluation scripts append to each benchmark's questions.
+_SHORT = "Answer the question using a single word or phrase."
+PROMPT_SUFFIXES = {
+    "vqav2": _SHORT, "gqa": _SHORT, "textvqa": _SHORT, "pope": _SHORT, "mme": _SHORT,
+    "vizwiz": "When the provided information is insufficient, respond with 'Unanswerable'. " + _SHORT,
+    "mmbench": "Answer with the option's letter from the given choices directly.",
+    "scienceqa": "Answer with the option's letter from the given choices directly.",
+    "seed": "Answer with the option's letter from the given choices directly.",
+}
 EXAMPLE = """examples:
   llavakit predict --model llava-1.5-7b --questions q.jsonl --image-folder images/ --answers a.jsonl
   llavakit predict --model DIR --questions q.jsonl --image-folder images/ --answers a.2.jsonl \\
@@ -35,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks")
     p.add_argument("--chunk-idx", type=int, default=0, help="which chunk this run answers (0-based)")
     p.add_argument("--model-id", help="model_id written to each answer (default: the model's name)")
+    p.add_argument("--benchmark", choices=sorted(PROMPT_SUFFIXES),
+                   help="append that benchmark's instruction to every question, as LLaVA's eval scripts do")
+    p.add_argument("--prompt-suffix", help="text appended to every question (on a new line)")
     add_sampling_flags(p)
     p.set_defaults(temperature=0.0, max_new_tokens=128)
 
@@ -88,7 +101,13 @@ def _answer(pipe, row: dict, args) -> dict:
     sampling = sampling_kwargs(args)
     if sampling["seed"] is None and sampling["temperature"] > 0:  # per-question seed keeps resumes identical
         sampling["seed"] = uuid.uuid5(uuid.NAMESPACE_URL, str(row["question_id"])).int % 2**31
-    return pipe.generate(row["text"], images=images, conv_mode=args.conv_mode, **sampling)
+    return pipe.generate(question_text(row["text"], args), images=images, conv_mode=args.conv_mode, **sampling)
+
+
+def question_text(text: str, args: argparse.Namespace) -> str:
+    """The question with the benchmark's instruction (or --prompt-suffix) on a new line."""
+    suffix = args.prompt_suffix or PROMPT_SUFFIXES.get(args.benchmark or "")
+    return f"{text}\n{suffix}" if suffix else text
 
 
 def run(args: argparse.Namespace) -> int:
