@@ -58,15 +58,19 @@ def _square_frame(image_size_wh: tuple[int, int]) -> tuple[int, int, int]:
     return side, (side - w) // 2, (side - h) // 2
 
 
+def _frame(image_size_wh: tuple[int, int], padded: bool) -> tuple[int, int, int, int]:
+    """(width, height, x offset, y offset) of the frame a 0-1 box refers to, in image pixels."""
+    if not padded:
+        return image_size_wh[0], image_size_wh[1], 0, 0
+    side, dx, dy = _square_frame(image_size_wh)
+    return side, side, dx, dy
+
+
 def square_to_image(box01: Box, image_size_wh: tuple[int, int], padded: bool = True) -> Box:
     """A 0-1 box on the padded square -> pixel (x1, y1, x2, y2) on the original image, clipped to it.
     With padded=False the box is taken as relative to the image itself (models without expand2square)."""
     w, h = image_size_wh
-    if not padded:
-        side_x, side_y, dx, dy = w, h, 0, 0
-    else:
-        side, dx, dy = _square_frame(image_size_wh)
-        side_x = side_y = side
+    side_x, side_y, dx, dy = _frame(image_size_wh, padded)
     x1, y1, x2, y2 = box01
     return (min(max(x1 * side_x - dx, 0.0), w), min(max(y1 * side_y - dy, 0.0), h),
             min(max(x2 * side_x - dx, 0.0), w), min(max(y2 * side_y - dy, 0.0), h))
@@ -74,12 +78,7 @@ def square_to_image(box01: Box, image_size_wh: tuple[int, int], padded: bool = T
 
 def image_to_square(box_px: Box, image_size_wh: tuple[int, int], padded: bool = True) -> Box:
     """Pixel box on the original image -> 0-1 box on the padded square (the inverse of square_to_image)."""
-    w, h = image_size_wh
-    if not padded:
-        side_x, side_y, dx, dy = w, h, 0, 0
-    else:
-        side, dx, dy = _square_frame(image_size_wh)
-        side_x = side_y = side
+    side_x, side_y, dx, dy = _frame(image_size_wh, padded)
     x1, y1, x2, y2 = box_px
     return (x1 + dx) / side_x, (y1 + dy) / side_y, (x2 + dx) / side_x, (y2 + dy) / side_y
 
