@@ -1,7 +1,7 @@
 """Token selection from logits: penalties, temperature, top-k, top-p, min-p, greedy, logprobs.
 
 The order is transformers' (penalty, temperature, top-k, top-p) then min-p as vLLM applies it, so seeded
-sampling is comparable. `sample_token` serves one sequence; `sample_batch` serves the engine's batch, where
+sampling is comparable. `sample_batch` serves both the plain loop (one row) and the engine's batch, where
 every row has its own SamplingParams and random generator.
 """
 
@@ -39,16 +39,6 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
-
-
-def sample_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                 generator: torch.Generator | None) -> int:
-    """One token id from logits (V,); temperature 0 is greedy."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @dataclass(slots=True)

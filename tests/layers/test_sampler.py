@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from llavakit.layers.sampler import (apply_presence_frequency, apply_repetition_penalty, filter_min_p,
-                                     sample_batch, sample_token)
+from llavakit.layers.sampler import (apply_presence_frequency, apply_repetition_penalty, filter_min_p, filter_top_k_top_p,
+                                     sample_batch)
 from llavakit.sampling import SamplingParams
 
 V = 50
@@ -45,12 +45,13 @@ def test_seeded_row_is_the_same_alone_or_batched():
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
 
 
-def test_matches_the_single_sequence_sampler():
-    """Without min-p or penalties a row draws what `sample_token` draws from the same generator."""
+def test_matches_a_direct_multinomial_draw():
+    """Without min-p or penalties a row draws what multinomial over the filtered softmax draws."""
     logits = torch.randn(1, V)
     params = SamplingParams(temperature=0.8, top_k=10, top_p=0.85)
     for seed in range(5):
-        want = sample_token(logits[0], 0.8, 10, 0.85, _gen(seed))
+        probs = filter_top_k_top_p(logits[0] / 0.8, 10, 0.85).softmax(-1)
+        want = int(torch.multinomial(probs, 1, generator=_gen(seed)))
         assert _sample(logits, [params], seeds=[seed])[0] == [want]
 
 
