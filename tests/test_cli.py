@@ -193,3 +193,12 @@ def test_predict_benchmark_suffix(ckpt, tmp_path):
     ref = pipe.generate("What is it?\nAnswer the question using a single word or phrase.", images=[str(img)],
                         max_new_tokens=4)
     assert row["text"] == ref.text.strip() and row["prompt"] == "What is it?"
+
+
+def test_no_model_means_the_demo_model(tmp_path, capsys, monkeypatch):
+    import llavakit.weights.hub as hub
+
+    monkeypatch.setattr(hub, "DEMO_MODEL", tmp_path / "no-demo-here")
+    assert main(["generate", "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "demo model is not installed" in err and "--model" in err
