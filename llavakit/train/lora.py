@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llavakit.layers.linear import Linear
-from llavakit.weights.name_maps import LAYOUTS, LLAVA_HF, detect_layout, is_unused, map_name
+from llavakit.weights.name_maps import LAYOUTS, detect_layout, is_unused, map_name
+from llavakit.weights.save import TO_LLAVA_HF
 
 # Every Linear of the LLM, as LLaVA's LoRA recipe (the tower, projector and LM head are not adapted).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -126,19 +127,11 @@ def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _hub_name(name: str) -> str:
-    """llavakit module name -> llava-hf hub module name (the LLAVA_HF name map read backwards)."""
-    for hub, ours in LLAVA_HF:
-        if ours is not None and (name + ".").startswith(ours):
-            return (hub + name[len(ours):]).rstrip(".")
-    raise KeyError(name)
-
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters under peft's names: base_model.model.<llava-hf module>.lora_{A,B}.weight."""
     state = {}
     for name, m in _lora_modules(model).items():
-        prefix = PEFT_PREFIX + _hub_name(name)
+        prefix = PEFT_PREFIX + map_name(name + ".", TO_LLAVA_HF).rstrip(".")
         state[f"{prefix}.lora_A.weight"] = m.lora_A.detach().contiguous()
         state[f"{prefix}.lora_B.weight"] = m.lora_B.detach().contiguous()
     return state
