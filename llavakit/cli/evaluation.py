@@ -1,20 +1,45 @@
-"""`llavakit eval score`: benchmark scores of an answers file (from `llavakit predict`)."""
+"""`llavakit eval score|clip-score|compare`: benchmark scores of an answers file, CLIP scores of captions,
+and a paired comparison of two caption sets of the same images."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-HELP = "score an answers file against a benchmark's annotations (VQAv2, TextVQA, VizWiz, GQA, POPE, MME, ...)"
+from llavakit.cli.common import CliError
+
+HELP = "score answers on a benchmark, CLIP-score captions, or compare two caption sets"
 EXAMPLE = """examples:
   llavakit eval score --task vqav2 --answers answers.jsonl --annotations v2_mscoco_val2014_annotations.json
-  llavakit eval score --task pope --answers pope.jsonl --annotations coco_pope_random.json --json
+  llavakit eval clip-score --answers gpu.jsonl --questions q.jsonl --images coco/ --clip-model CLIP-ViT-H-14/ \\
+      --output gpu.scores.jsonl
+  llavakit eval compare gpu.jsonl npu.jsonl --questions q.jsonl --images coco/ --clip-model CLIP-ViT-H-14/ --plot d.png
+  llavakit eval compare gpu.scores.jsonl npu.scores.jsonl --json
 """
+MAX_SKIP_LINES = 20
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["score"])
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = {"score": (_add_score_arguments, run_score, "benchmark score of an answers file"),
+               "clip-score": (_add_clip_score_arguments, run_clip_score, "mean and per-item CLIP score of captions"),
+               "compare": (_add_compare_arguments, run_compare,
+                           "paired CLIP-score difference of two caption sets, with a bootstrap interval")}
+    for name, (add, handler, help_text) in actions.items():
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLE,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        add(s)
+        s.set_defaults(eval_handler=handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    return args.eval_handler(args)
+
+
+def _add_score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="vqav2, textvqa, vizwiz, gqa, pope, mme, mmbench, scienceqa, seed")
     p.add_argument("--answers", required=True, type=Path, help="answers JSONL (llavakit predict's format)")
     p.add_argument("--annotations", required=True, type=Path, help="the benchmark's annotation file")
@@ -22,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="also write the JSON result here")
 
 
-def run(args: argparse.Namespace) -> int:
+def run_score(args: argparse.Namespace) -> int:
     from llavakit.eval.scorers import format_table, score
 
     result = score(args.task, args.answers, args.annotations)
@@ -30,4 +55,137 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     print(text if args.json else format_table(result))
+    return 0
+
+
+def _add_judge_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("CLIP judge" + ("" if required else " (only to score answers files)"))
+    g.add_argument("--clip-model", type=Path, required=required, metavar="PATH",
+                   help="open_clip checkpoint: a folder with open_clip_config.json + weights, or a weights file")
+    g.add_argument("--clip-arch", metavar="NAME", help="architecture when the checkpoint has no open_clip_config.json: "
+                   "ViT-B-32, ViT-L-14, ViT-H-14, ... (-quickgelu for OpenAI weights), or a model-config JSON")
+    g.add_argument("--clip-tokenizer", type=Path, metavar="PATH",
+                   help="bpe_simple_vocab_16e6.txt.gz or a Hugging Face CLIP tokenizer folder "
+                        "(default: beside the checkpoint, else the copy in an installed open_clip_torch)")
+    g.add_argument("--images", "--image-folder", dest="images", type=Path, required=required, metavar="DIR",
+                   help="folder the captions' image names are relative to")
+    g.add_argument("--questions", type=Path, metavar="FILE",
+                   help="question file mapping question_id -> image, for answers without an 'image' field")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def _add_clip_score_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--answers", required=True, type=Path,
+                   help="captions: llavakit predict's answers JSONL, or a JSON object {image: caption}")
+    _add_judge_arguments(p, required=True)
+    p.add_argument("--output", type=Path, metavar="FILE", help="write per-item scores here (JSONL; compare reads it)")
+    p.add_argument("--json", action="store_true", help="print the summary and the per-item scores as JSON")
+
+
+def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", type=Path, metavar="A", help="answers file or per-item score file (the baseline)")
+    p.add_argument("b", type=Path, metavar="B", help="answers file or per-item score file (the candidate)")
+    _add_judge_arguments(p, required=False)
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--output", type=Path, metavar="FILE", help="write per-pair scores and differences here (JSONL)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="draw the per-image differences with the interval")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _report_skips(messages: list[str]) -> None:
+    for message in messages[:MAX_SKIP_LINES]:
+        print(f"skipped: {message}", file=sys.stderr)
+    if len(messages) > MAX_SKIP_LINES:
+        print(f"skipped: ... and {len(messages) - MAX_SKIP_LINES} more", file=sys.stderr)
+
+
+def _judge(args: argparse.Namespace):
+    import torch
+
+    from llavakit.eval.clip_judge import load_judge
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
+    print(f"loading CLIP judge {args.clip_model} ...", file=sys.stderr, flush=True)
+    return load_judge(args.clip_model, args.clip_arch, args.clip_tokenizer, device)
+
+
+def _items(args: argparse.Namespace, answers: Path):
+    """The captions of `answers` that have an image file; an error when none has."""
+    from llavakit.eval.clip_score import attach_images, read_captions, read_image_map
+
+    captions = read_captions(answers)
+    image_map = read_image_map(args.questions) if args.questions else None
+    items, skipped = attach_images(captions, image_map, args.images)
+    _report_skips(skipped)
+    if not items:
+        raise CliError(f"nothing to score in {answers}: none of its {len(captions)} captions has an image file"
+                       + (f" (first: {skipped[0]})" if skipped else ""))
+    return items, len(skipped)
+
+
+def _score(args: argparse.Namespace, judge, items, skipped: int, cache: dict) -> tuple[list[dict], int]:
+    from llavakit.eval.clip_score import score_items
+
+    rows, bad = score_items(judge, items, args.batch_size, image_cache=cache)
+    _report_skips(bad)
+    if not rows:
+        raise CliError(f"no image could be read ({len(bad)} failed; first: {bad[0]})")
+    return rows, skipped + len(bad)
+
+
+def run_clip_score(args: argparse.Namespace) -> int:
+    from llavakit.eval.clip_score import summarize, write_jsonl
+    from llavakit.eval.scorers import format_table
+
+    items, skipped = _items(args, args.answers)
+    rows, skipped = _score(args, _judge(args), items, skipped, {})
+    summary = summarize(rows, skipped)
+    if args.output:
+        write_jsonl(rows, args.output)
+    print(json.dumps({**summary, "items": rows}, indent=1, ensure_ascii=False) if args.json else format_table(summary))
+    return 0
+
+
+def _scores(args: argparse.Namespace, paths: list[Path]) -> list[dict[str, dict]]:
+    """Per-item scores of each file: read from a score file, or computed (one judge for all answers files)."""
+    from llavakit.eval.clip_score import is_score_file, read_scores
+
+    judge, cache, out = None, {}, []
+    for path in paths:
+        if is_score_file(path):
+            out.append(read_scores(path))
+            continue
+        if args.clip_model is None or args.images is None:
+            raise CliError(f"{path} is an answers file: pass --clip-model and --images to score it, or compare the "
+                           "per-item files written by `llavakit eval clip-score --output`")
+        items, skipped = _items(args, path)
+        judge = judge or _judge(args)
+        rows, _ = _score(args, judge, items, skipped, cache)
+        out.append({str(r["question_id"]): r for r in rows})
+    return out
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from llavakit.eval.clip_score import write_jsonl
+    from llavakit.eval.compare import (
+        compare_scores,
+        format_comparison,
+        plot_differences,
+    )
+
+    scores_a, scores_b = _scores(args, [args.a, args.b])
+    summary, pairs = compare_scores(scores_a, scores_b, args.resamples, args.confidence, args.seed)
+    result = {"a": str(args.a), "b": str(args.b), **summary}
+    if args.output:
+        write_jsonl(pairs, args.output)
+    if args.plot:
+        plot_differences([p["difference"] for p in pairs], result, args.plot, (args.a.name, args.b.name))
+    print(json.dumps(result, indent=1) if args.json else format_comparison(result, str(args.a), str(args.b)))
     return 0
