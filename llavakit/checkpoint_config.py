@@ -8,7 +8,10 @@ from typing import Any
 
 from llavakit.config import (CLIP_MEAN, CLIP_STD, KNOWN_VISION_TOWERS, LLAVA_MODEL_TYPES, ORIGINAL_ARCHITECTURES,
                              ORIGINAL_IMAGE_TOKEN_ID, ConfigError, ImageConfig, LlavaConfig, TextConfig,
-                             VisionConfig, load_json, parse_pinpoints)
+                             VideoConfig, VisionConfig, load_json, parse_pinpoints)
+
+# Token ids transformers assumes when a config omits them: llava-hf NeXT-Video put <video> first (32000).
+_DEFAULT_TOKEN_IDS = {"llava": (32000, None), "llava_next": (32000, None), "llava_next_video": (32001, 32000)}
 
 
 def read_checkpoint_config(path: Path, vision_tower: str | Path | None) -> LlavaConfig:
@@ -37,11 +40,13 @@ def _from_hf(raw: dict[str, Any], path: Path) -> LlavaConfig:
     vision = VisionConfig.from_dict(raw.get("vision_config") or {})
     pinpoints = parse_pinpoints(raw.get("image_grid_pinpoints"), vision.image_size)
     default_mode = "anyres" if mt != "llava" else "pad"
+    image = _image_config(path / "preprocessor_config.json", vision, default_mode, pinpoints)
+    image_id, video_id = _DEFAULT_TOKEN_IDS[mt]
     return LlavaConfig(
-        vision=vision, text=text, model_type=mt, layout="llava-hf",
-        image=_image_config(path / "preprocessor_config.json", vision, default_mode, pinpoints),
-        image_token_id=raw.get("image_token_id", raw.get("image_token_index", 32000)),
-        video_token_id=raw.get("video_token_id", raw.get("video_token_index")),
+        vision=vision, text=text, model_type=mt, layout="llava-hf", image=image,
+        video=_video_config(path / "video_preprocessor_config.json", vision),
+        image_token_id=raw.get("image_token_id", raw.get("image_token_index", image_id)),
+        video_token_id=raw.get("video_token_id", raw.get("video_token_index", video_id)),
         vision_feature_layer=raw.get("vision_feature_layer", -2),
         vision_feature_select=raw.get("vision_feature_select_strategy", "default"),
         projector_type="mlp2x_gelu", projector_bias=raw.get("multimodal_projector_bias", True),
@@ -103,6 +108,15 @@ def _image_config(preproc: Path | None, vision: VisionConfig, mode: str, pinpoin
     return ImageConfig(mode=mode, size=int(short), crop_size=int(crop.get("height") or short),
                        mean=tuple(p.get("image_mean", CLIP_MEAN)), std=tuple(p.get("image_std", CLIP_STD)),
                        rescale_factor=float(p.get("rescale_factor", 1 / 255)), pinpoints=pinpoints)
+
+
+def _video_config(preproc: Path, vision: VisionConfig) -> VideoConfig | None:
+    """Frame settings and `num_frames` (default 32, what LLaVA-NeXT-Video-7B was tuned with) from a
+    video_preprocessor_config.json (transformers 5); None without one: frames take the image settings."""
+    if not preproc.is_file():
+        return None
+    frame = _image_config(preproc, vision, "crop", [], force_mode=True)
+    return VideoConfig(num_frames=int(load_json(preproc).get("num_frames") or 32), frame=frame)
 
 
 def resolve_vision_tower(name: str | None, explicit: str | Path | None = None) -> Path | None:

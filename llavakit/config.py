@@ -150,8 +150,9 @@ class TextConfig:
 
     @property
     def context_length(self) -> int:
-        """Longest sequence the model serves: dynamic NTK scaling stretches the trained length."""
-        if self.rope.kind == "dynamic":
+        """Longest sequence the model serves: linear and dynamic scaling stretch the trained length by their
+        factor (LLaVA-NeXT-Video-7B: 4096 trained positions, linear factor 2, 8192-token prompts)."""
+        if self.rope.kind in ("linear", "dynamic"):
             return int(self.max_position_embeddings * self.rope.factor)
         return self.max_position_embeddings
 
@@ -212,6 +213,22 @@ class ImageConfig:
 
 
 @dataclass(slots=True)
+class VideoConfig:
+    """How a video becomes pixel values: `num_frames` sampled uniformly over the whole video, each frame
+    through the plain CLIP steps of `frame` (resize the short side, center crop: a square input, never padded
+    or tiled)."""
+
+    num_frames: int = 32
+    frame: ImageConfig = field(default_factory=lambda: ImageConfig(mode="crop"))
+
+    def __post_init__(self):
+        if self.num_frames < 1:
+            raise ConfigError(f"a video needs at least one frame, got num_frames={self.num_frames}")
+        if self.frame.mode != "crop":
+            raise ConfigError(f"video frames are square CLIP inputs (mode 'crop'), got mode {self.frame.mode!r}")
+
+
+@dataclass(slots=True)
 class LlavaConfig:
     """A whole LLaVA model: vision tower, projector, decoder and how they are joined."""
 
@@ -232,6 +249,7 @@ class LlavaConfig:
     vision_tower_dir: str | None = None
     spatial_pool_mode: str = "average"
     spatial_pool_stride: int = 2
+    video: VideoConfig | None = None  # None: frames take the image settings (size, crop, normalization)
     name_or_path: str | None = None
 
     def __post_init__(self):
@@ -248,6 +266,26 @@ class LlavaConfig:
         if not all(0 <= layer <= self.vision.num_hidden_layers for layer in self.feature_layers):
             raise ConfigError(f"vision_feature_layer {self.vision_feature_layer} is outside the "
                               f"{self.vision.num_hidden_layers}-layer vision tower")
+        if self.video is None:  # frames: the image's sizes and normalization, as a plain square CLIP input
+            self.video = VideoConfig(frame=dataclasses.replace(self.image, mode="crop", pinpoints=[]))
+        if self.model_type == "llava_next_video":
+            self._check_video()
+
+    def _check_video(self) -> None:
+        if self.video_token_id is None:
+            raise ConfigError("a llava_next_video config needs video_token_index (32000 in llava-hf checkpoints)")
+        if self.video_token_id == self.image_token_id:
+            raise ConfigError(f"video_token_index and image_token_index are both {self.image_token_id}; "
+                              "they must be different tokens")
+        if self.spatial_pool_mode not in ("average", "max"):
+            raise ConfigError(f"spatial_pool_mode {self.spatial_pool_mode!r} is not supported; llavakit pools "
+                              "video frames with 'average' or 'max' (no published checkpoint uses 'conv')")
+        if not 1 <= self.spatial_pool_stride <= self.vision.grid_size:
+            raise ConfigError(f"spatial_pool_stride {self.spatial_pool_stride} must be between 1 and the "
+                              f"{self.vision.grid_size}-patch grid side")
+        if self.vision_feature_select != "default":
+            raise ConfigError("llava_next_video pools each frame's patch grid, which needs "
+                              "vision_feature_select_strategy 'default' (the CLS token has no place in the grid)")
 
     @property
     def feature_layers(self) -> list[int]:
@@ -268,6 +306,17 @@ class LlavaConfig:
     @property
     def tokens_per_tile(self) -> int:
         return self.vision.grid_size ** 2 + (self.vision_feature_select == "full")
+
+    @property
+    def supports_video(self) -> bool:
+        """Whether prompts may carry videos (LLaVA-NeXT-Video checkpoints)."""
+        return self.model_type == "llava_next_video"
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Features one video frame gives: the patch grid pooled with the stride (144 at 336 / ViT-L/14)."""
+        side = self.vision.grid_size // self.spatial_pool_stride
+        return side * side
 
     @classmethod
     def from_pretrained(cls, path: str | Path, vision_tower: str | Path | None = None) -> "LlavaConfig":

@@ -18,7 +18,7 @@ from llavakit.layers.attention import AttentionMetadata, KVCache
 from llavakit.layers.sampler import sample_batch
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.detokenizer import IncrementalDetokenizer
-from llavakit.processing.prompt import PreparedImage
+from llavakit.processing.prompt import Media, PreparedVideo
 from llavakit.sampling import SamplingParams
 
 
@@ -43,6 +43,20 @@ class GenerationOutput:
     timings: Timings = field(default_factory=Timings)
 
 
+def encode_media(model: LlavaForConditionalGeneration, media: list[Media], device: torch.device) -> list[torch.Tensor]:
+    """Features of each image and video, in the order given: all images in one tower call, all videos in
+    another."""
+    videos = [i for i, m in enumerate(media) if isinstance(m, PreparedVideo)]
+    images = [i for i, m in enumerate(media) if not isinstance(m, PreparedVideo)]
+    out: dict[int, torch.Tensor] = {}
+    if images:
+        pixels = [media[i].pixel_values.to(device) for i in images]
+        out.update(zip(images, model.encode_images(pixels, [media[i].size for i in images])))
+    if videos:
+        out.update(zip(videos, model.encode_videos([media[i].pixel_values.to(device) for i in videos])))
+    return [out[i] for i in range(len(media))]
+
+
 def _now(device: torch.device) -> float:
     if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(device)
@@ -50,22 +64,21 @@ def _now(device: torch.device) -> float:
 
 
 @torch.inference_mode()
-def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], images: list[PreparedImage],
+def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media: list[Media],
                     params: SamplingParams, timings: Timings | None = None) -> Iterator[int]:
-    """Sampled token ids, one per step; stops after params.max_tokens or at the context limit."""
+    """Sampled token ids, one per step; stops after params.max_tokens or at the context limit. `media`:
+    the prompt's images and videos in the order their placeholder runs appear in `ids`."""
     cfg, device = model.cfg.text, model.lm_head.weight.device
     timings = timings if timings is not None else Timings()
     limit = cfg.context_length
     if len(ids) >= limit:
         raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; "
-                         "shorten the text or use fewer / smaller images")
+                         "shorten the text or use fewer / smaller images (or fewer video frames)")
     max_len = min(len(ids) + params.max_tokens, limit)
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim,
                     model.lm_head.weight.dtype, device)
     t0 = _now(device)
-    feats = None
-    if images:
-        feats = model.encode_images([im.pixel_values.to(device) for im in images], [im.size for im in images])
+    feats = encode_media(model, media, device) if media else None
     t1 = _now(device)
     seen = torch.tensor(ids, device=device)
     hidden = model(model.embed_inputs(seen[None], feats), torch.arange(len(ids), device=device)[None], cache)
@@ -96,9 +109,9 @@ class Generation:
     """One request: iterating yields text deltas (never a partial stop string); `output` is set at the end."""
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, ids: list[int],
-                 images: list[PreparedImage], params: SamplingParams, template_stop: str | None = None,
+                 media: list[Media], params: SamplingParams, template_stop: str | None = None,
                  timings: Timings | None = None):
-        self.model, self.tokenizer, self.ids, self.images, self.params = model, tokenizer, ids, images, params
+        self.model, self.tokenizer, self.ids, self.media, self.params = model, tokenizer, ids, media, params
         self.stops = list(params.stop) + ([template_stop] if template_stop else [])
         eos = [] if params.ignore_eos else model.cfg.text.eos_token_ids + [tokenizer.eos_token_id]
         self.stop_ids = {i for i in eos + list(params.stop_token_ids) if i is not None}
@@ -109,7 +122,7 @@ class Generation:
         detok = IncrementalDetokenizer(self.tokenizer)
         tokens: list[int] = []
         emitted, finish, cut = 0, "length", None
-        for token in generate_tokens(self.model, self.ids, self.images, self.params, self.timings):
+        for token in generate_tokens(self.model, self.ids, self.media, self.params, self.timings):
             tokens.append(token)
             if token in self.stop_ids:
                 finish = "stop"

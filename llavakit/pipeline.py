@@ -1,8 +1,9 @@
 """`llavakit.load()`: a checkpoint ready to answer, with a plain KV-cached generation loop.
 
-The returned `Pipeline` holds the model, tokenizer, image processing and conversation template:
+The returned `Pipeline` holds the model, tokenizer, image and video processing and conversation template:
 `generate` / `stream` answer one prompt, `chat` / `stream_chat` a multi-turn conversation, `tokenize`
-shows the exact input ids the model receives.
+shows the exact input ids the model receives. Images and videos are lists; a "<image>" / "<video>" tag in
+the text marks where each one goes, else the template puts them before the first question.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 
 import torch
 
-from llavakit.config import LlavaConfig
+from llavakit.config import LlavaConfig, VideoConfig
 from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.conversation import get_template
 from llavakit.processing.media import FetchPolicy
-from llavakit.processing.prompt import PreparedImage, PromptProcessor, default_template_name
+from llavakit.processing.prompt import PromptInputs, PromptProcessor, default_template_name
 from llavakit.sampling import SamplingParams
 from llavakit.weights.hub import resolve_model_dir
 from llavakit.weights.loader import load_llava
@@ -58,7 +59,7 @@ def load_tokenizer(directory: Path) -> Any:
 def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
          *, vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
          fetch_policy: FetchPolicy | None = None, load_format: str = "auto",
-         tokenizer: str | Path | None = None) -> "Pipeline":
+         tokenizer: str | Path | None = None, num_frames: int | None = None) -> "Pipeline":
     """Load a LLaVA checkpoint (directory, hub id, alias, or "demo": the built-in model) in any layout.
 
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
@@ -66,21 +67,24 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
     conversation template chosen from the checkpoint's files. load_format="dummy": `model` names a preset
     (llavakit.presets) and the weights are random, for speed and memory measurements; `tokenizer` is then
     required: a tokenizer directory matching the preset's vocabulary (e.g. a LLaMA tokenizer).
+    num_frames: frames sampled from each video (default: the checkpoint's, else 32).
     """
     if load_format == "dummy":
-        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode)
+        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames)
     directory = resolve_model_dir(model, revision)
-    processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy)
+    processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy,
+                               num_frames=num_frames)
     dev = resolve_device(device)
     net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev)
     return Pipeline(net, processor)
 
 
-def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode) -> "Pipeline":
+def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames) -> "Pipeline":
     from llavakit.presets import preset_config
     from llavakit.weights.loader import random_llava
 
     cfg = preset_config(preset)
+    cfg.video = _with_frames(cfg.video, num_frames)
     if tokenizer_dir is None:
         raise ValueError("load_format='dummy' needs tokenizer= (a tokenizer directory whose vocabulary fits the "
                          f"preset's {cfg.text.vocab_size} tokens)")
@@ -91,12 +95,18 @@ def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode) -> "Pipeli
 
 
 def load_processor(directory: Path, *, vision_tower: str | Path | None = None, conv_mode: str | None = None,
-                   fetch_policy: FetchPolicy | None = None) -> PromptProcessor:
+                   fetch_policy: FetchPolicy | None = None, num_frames: int | None = None) -> PromptProcessor:
     """Config, tokenizer and template of a checkpoint directory, without its weights."""
     cfg = LlavaConfig.from_pretrained(directory, vision_tower=vision_tower)
+    cfg.video = _with_frames(cfg.video, num_frames)
     tokenizer = load_tokenizer(directory)
     template = get_template(conv_mode or default_template_name(cfg, tokenizer))
     return PromptProcessor(cfg, tokenizer, template, fetch_policy)
+
+
+def _with_frames(video: VideoConfig, num_frames: int | None) -> VideoConfig:
+    """The video settings with another frame count (checked), or unchanged when None."""
+    return video if num_frames is None else VideoConfig(num_frames=num_frames, frame=video.frame)
 
 
 def _sampling(max_new_tokens: int = 256, **kw) -> SamplingParams:
@@ -117,41 +127,50 @@ class Pipeline:
     def template(self):
         return self.processor.template
 
-    def tokenize(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None) -> list[int]:
+    def tokenize(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
+                 videos: list[Any] | None = None) -> list[int]:
         """The exact input ids `generate` would feed the model."""
-        return self._inputs(self.processor.render_prompt(prompt, len(images or []), conv_mode), images)[0]
+        return self._inputs(self._render_prompt(prompt, images, videos, conv_mode), images, videos).ids
 
-    def generate(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None,
-                 **sampling) -> GenerationOutput:
+    def generate(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
+                 videos: list[Any] | None = None, **sampling) -> GenerationOutput:
         """Answer `prompt` (the first user turn of the template, or verbatim with conv_mode="raw")."""
-        return self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, conv_mode,
+        return self._run(self._render_prompt(prompt, images, videos, conv_mode), images, videos, conv_mode,
                          sampling).run()
 
-    def stream(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None,
-               **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
+               videos: list[Any] | None = None, **sampling) -> Iterator[str]:
         """Like generate, yielding text as it is produced."""
-        yield from self._run(self.processor.render_prompt(prompt, len(images or []), conv_mode), images, conv_mode,
+        yield from self._run(self._render_prompt(prompt, images, videos, conv_mode), images, videos, conv_mode,
                              sampling)
 
     def chat(self, messages: list[dict[str, str]], images: list[Any] | None = None, conv_mode: str | None = None,
-             **sampling) -> GenerationOutput:
+             *, videos: list[Any] | None = None, **sampling) -> GenerationOutput:
         """Answer the last user message of a conversation ({"role", "content"} dicts)."""
-        return self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, conv_mode,
+        return self._run(self._render_messages(messages, images, videos, conv_mode), images, videos, conv_mode,
                          sampling).run()
 
     def stream_chat(self, messages: list[dict[str, str]], images: list[Any] | None = None,
-                    conv_mode: str | None = None, **sampling) -> Iterator[str]:
-        yield from self._run(self.processor.render_messages(messages, len(images or []), conv_mode), images, conv_mode,
+                    conv_mode: str | None = None, *, videos: list[Any] | None = None, **sampling) -> Iterator[str]:
+        yield from self._run(self._render_messages(messages, images, videos, conv_mode), images, videos, conv_mode,
                              sampling)
 
-    def _inputs(self, text: str, images: list[Any] | None) -> tuple[list[int], list[PreparedImage]]:
-        prepared = self.processor.prepare_images(list(images or []))
-        return self.processor.tokenize(text, prepared), prepared
+    def _render_prompt(self, prompt: str, images, videos, conv_mode: str | None) -> str:
+        return self.processor.render_prompt(prompt, len(images or []), conv_mode, len(videos or []))
 
-    def _run(self, text: str, images: list[Any] | None, conv_mode: str | None, sampling: dict) -> Generation:
+    def _render_messages(self, messages: list[dict[str, str]], images, videos, conv_mode: str | None) -> str:
+        return self.processor.render_messages(messages, len(images or []), conv_mode, len(videos or []))
+
+    def _inputs(self, text: str, images: list[Any] | None, videos: list[Any] | None) -> PromptInputs:
+        prepared = self.processor.prepare_images(list(images or []))
+        clips = self.processor.prepare_videos(list(videos or []))
+        return self.processor.encode_prompt(text, prepared, clips)
+
+    def _run(self, text: str, images: list[Any] | None, videos: list[Any] | None, conv_mode: str | None,
+             sampling: dict) -> Generation:
         params = _sampling(**sampling)
         start = time.perf_counter()
-        ids, prepared = self._inputs(text, images)
+        inputs = self._inputs(text, images, videos)
         timings = Timings(preprocess_ms=(time.perf_counter() - start) * 1e3)
         stop = self.processor.template_for(conv_mode).stop_str if conv_mode != "raw" else self.template.stop_str
-        return Generation(self.model, self.tokenizer, ids, prepared, params, stop, timings)
+        return Generation(self.model, self.tokenizer, inputs.ids, inputs.media, params, stop, timings)

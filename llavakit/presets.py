@@ -24,6 +24,9 @@ PRESETS: dict[str, dict] = {
                                   rope_theta=1e6),
     "llava-v1.6-34b": dict(model_type="llava_next", text=_YI_34B, vision=_L336, image="anyres", rope_theta=5e6,
                            image_token_id=64000),
+    "llava-next-video-7b": dict(model_type="llava_next_video", image="anyres", vision=_L336,
+                                text=dict(_VICUNA_7B, rope_scaling={"type": "linear", "factor": 2.0}),
+                                image_token_id=32001, video_token_id=32000),
     # A CPU-sized model for benchmarks: 8 decoder layers of 512, a 4-layer tower with 64 image tokens.
     "bench-small": dict(model_type="llava", vision=dict(hidden_size=256, intermediate_size=1024,
                                                         num_hidden_layers=4, num_attention_heads=4, image_size=112,
@@ -47,5 +50,5 @@ def preset_config(name: str) -> LlavaConfig:
     image = ImageConfig(mode=mode, size=vision.image_size, crop_size=vision.image_size,
                         pinpoints=_PINPOINTS_16 if mode == "anyres" else [])
     return LlavaConfig(vision=vision, text=TextConfig.from_dict(text), image=image, model_type=p["model_type"],
-                       image_token_id=p.get("image_token_id", 32000),
+                       image_token_id=p.get("image_token_id", 32000), video_token_id=p.get("video_token_id"),
                        patch_merge_type="spatial_unpad" if mode == "anyres" else "flat", name_or_path=name)

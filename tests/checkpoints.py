@@ -39,16 +39,18 @@ def text_config_dict(text_type: str = "llama", **over) -> dict:
 
 def build_hf_model(model_type: str = "llava", text: dict | None = None, vision: dict | None = None,
                    seed: int = 0, **top):
-    """A transformers Llava / LlavaNext model with random weights (fp32, eval mode)."""
+    """A transformers Llava / LlavaNext / LlavaNextVideo model with random weights (fp32, eval mode)."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg_cls = {"llava": transformers.LlavaConfig, "llava_next": transformers.LlavaNextConfig}[model_type]
+    cfg_cls = {"llava": transformers.LlavaConfig, "llava_next": transformers.LlavaNextConfig,
+               "llava_next_video": transformers.LlavaNextVideoConfig}[model_type]
     model_cls = {"llava": transformers.LlavaForConditionalGeneration,
-                 "llava_next": transformers.LlavaNextForConditionalGeneration}[model_type]
-    kwargs = dict(text_config=text or text_config_dict(), vision_config=vision or vision_config_dict(),
-                  image_token_index=IMAGE_TOKEN_ID, **top)
-    if model_type == "llava_next":
+                 "llava_next": transformers.LlavaNextForConditionalGeneration,
+                 "llava_next_video": transformers.LlavaNextVideoForConditionalGeneration}[model_type]
+    kwargs = {"text_config": text or text_config_dict(), "vision_config": vision or vision_config_dict(),
+              "image_token_index": IMAGE_TOKEN_ID, **top}
+    if model_type != "llava":
         kwargs.setdefault("image_grid_pinpoints", PINPOINTS)
     model = model_cls(cfg_cls(**kwargs)).eval()
     with torch.no_grad():  # random init leaves some tensors at zero/one; make every tensor count
@@ -79,9 +81,10 @@ def _hub_name(key: str) -> str:
 
 
 def write_hf_checkpoint(model, directory: Path, layout: str = "hub", processor: dict | None = None,
-                        shards: int = 1) -> Path:
+                        shards: int = 1, tokens: tuple[str, ...] = ("<image>", "<pad>")) -> Path:
     """Save `model` as llava-hf hub layout ("hub"), transformers-5 names ("transformers-5") or with
-    transformers' own save_pretrained ("save_pretrained")."""
+    transformers' own save_pretrained ("save_pretrained"). `tokens` are added to the LLaMA tokenizer in order
+    (ids 32000, 32001, ...)."""
     directory.mkdir(parents=True, exist_ok=True)
     if layout == "save_pretrained":
         model.save_pretrained(directory)
@@ -93,7 +96,7 @@ def write_hf_checkpoint(model, directory: Path, layout: str = "hub", processor: 
             state = {_hub_name(k): v for k, v in state.items()}
         _save_state(state, directory, shards)
         model.config.save_pretrained(directory)
-    save_tokenizer(directory)
+    save_tokenizer(directory, tokens)
     if processor is not None:
         (directory / "preprocessor_config.json").write_text(json.dumps(processor))
     return directory

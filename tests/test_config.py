@@ -116,6 +116,38 @@ def test_next_video_config(tmp_path):
     cfg = _cfg(tmp_path, NEXT_VIDEO_HF)
     assert cfg.model_type == "llava_next_video" and cfg.image_token_id == 32001 and cfg.video_token_id == 32000
     assert (cfg.text.rope.kind, cfg.text.rope.factor) == ("linear", 2.0)
+    # Linear scaling doubles the 4096 trained positions: 32 frames x 144 tokens fit in the prompt.
+    assert cfg.text.context_length == 8192 and cfg.supports_video
+    assert cfg.tokens_per_frame == 144 and cfg.video.num_frames == 32
+    assert (cfg.spatial_pool_mode, cfg.spatial_pool_stride) == ("average", 2)
+    assert (cfg.video.frame.mode, cfg.video.frame.crop_size) == ("crop", 336)
+
+
+def test_next_video_token_ids_default_as_transformers(tmp_path):
+    raw = {k: v for k, v in NEXT_VIDEO_HF.items() if k not in ("image_token_index", "video_token_index")}
+    cfg = _cfg(tmp_path, raw)
+    assert (cfg.image_token_id, cfg.video_token_id) == (32001, 32000)
+    assert _cfg(tmp_path, LLAVA15_HF).video_token_id is None and not _cfg(tmp_path, LLAVA15_HF).supports_video
+
+
+def test_next_video_frame_settings_from_video_preprocessor_config(tmp_path):
+    _cfg(tmp_path, NEXT_VIDEO_HF)
+    (tmp_path / "ck" / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaNextVideoVideoProcessor", "num_frames": 8, "size": {"shortest_edge": 224},
+         "crop_size": {"height": 224, "width": 224}}))
+    video = LlavaConfig.from_pretrained(tmp_path / "ck").video
+    assert video.num_frames == 8 and (video.frame.size, video.frame.crop_size) == (224, 224)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"spatial_pool_mode": "conv"}, "spatial_pool_mode 'conv' is not supported"),
+    ({"spatial_pool_stride": 0}, "spatial_pool_stride 0 must be between 1 and the 24-patch grid side"),
+    ({"vision_feature_select_strategy": "full"}, "needs vision_feature_select_strategy 'default'"),
+    ({"image_token_index": 32000}, "video_token_index and image_token_index are both 32000"),
+])
+def test_next_video_config_errors(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, {**NEXT_VIDEO_HF, **change})
 
 
 def test_rope_parameters_spelling(tmp_path):

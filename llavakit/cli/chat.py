@@ -30,15 +30,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, required=False)
     p.add_argument("--image", "--image-file", dest="images", action="append", default=[], metavar="PATH_OR_URL",
                    help="the image to talk about (repeatable for several images)")
+    p.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH_OR_URL",
+                   help="a video to talk about (repeatable; LLaVA-NeXT-Video checkpoints)")
+    p.add_argument("--video-frames", type=int, metavar="N",
+                   help="frames sampled uniformly from each video (default: the checkpoint's, else 32)")
     add_sampling_flags(p)
 
 
 class ChatSession:
     """The conversation state: images, messages, and the commands that change them."""
 
-    def __init__(self, pipe, images: list[str], sampling: dict, out=sys.stdout):
+    def __init__(self, pipe, images: list[str], sampling: dict, out=sys.stdout, videos: list[str] = ()):
         self.pipe, self.sampling, self.out = pipe, sampling, out
-        self.images = list(images)
+        self.images, self.videos = list(images), list(videos)
+        # Decoded once: a video costs far more to read than an image, and every turn would read it again.
+        self.clips = pipe.processor.prepare_videos(self.videos)
         self.messages: list[dict[str, str]] = []
 
     def handle(self, line: str) -> None:
@@ -60,7 +66,8 @@ class ChatSession:
             self.note(f"image: {arg} (new conversation)")
         elif name == "/save" and arg:
             record = {"model": str(self.pipe.config.name_or_path), "template": self.pipe.template.name,
-                      "images": [str(i) for i in self.images], "messages": self.messages}
+                      "images": [str(i) for i in self.images], "videos": [str(v) for v in self.videos],
+                      "messages": self.messages}
             Path(arg).write_text(json.dumps(record, indent=2, ensure_ascii=False))
             self.note(f"saved to {arg}")
         else:
@@ -71,7 +78,7 @@ class ChatSession:
         self.out.write("ASSISTANT: ")
         pieces = []
         try:
-            for piece in self.pipe.stream_chat(self.messages, images=self.images, **self.sampling):
+            for piece in self.pipe.stream_chat(self.messages, images=self.images, videos=self.clips, **self.sampling):
                 pieces.append(piece)
                 self.out.write(piece)
                 self.out.flush()
@@ -98,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args)
     if args.images:
         pipe.processor.prepare_images(args.images)  # a bad image fails before the first question
-    session = ChatSession(pipe, args.images, sampling_kwargs(args))
+    session = ChatSession(pipe, args.images, sampling_kwargs(args), videos=args.videos)
     interactive = sys.stdin.isatty()
     if interactive:
         print("[type a question; /image PATH, /reset, /save FILE; Ctrl-D exits]", file=sys.stderr)

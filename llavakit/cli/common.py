@@ -55,7 +55,8 @@ def load_pipeline(args: argparse.Namespace):
     name = resolve_alias(args.model)
     print(f"loading {'the demo model' if args.model in (None, 'demo') else name} ...", file=sys.stderr, flush=True)
     return llavakit.load(name, dtype=args.dtype, device=args.device, vision_tower=args.vision_tower,
-                         conv_mode=template_override(args), revision=args.revision, fetch_policy=FetchPolicy())
+                         conv_mode=template_override(args), revision=args.revision, fetch_policy=FetchPolicy(),
+                         num_frames=getattr(args, "video_frames", None))
 
 
 def template_override(args: argparse.Namespace) -> str | None:

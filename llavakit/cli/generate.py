@@ -9,11 +9,12 @@ import time
 
 from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
-HELP = "answer one prompt about one or more images"
+HELP = "answer one prompt about one or more images or videos"
 EXAMPLE = """examples:
   llavakit generate --model llava-1.5-7b --image photo.jpg --prompt "What is this?"
   llavakit generate --model DIR --image a.png --image b.png --prompt "Compare the two." --json
   llavakit generate --model DIR --image a.png --conv-mode raw --prompt "USER: <image>\\nHi ASSISTANT:"
+  llavakit generate --model llava-next-video-7b --video clip.mp4 --video-frames 16 --prompt "Why is it funny?"
 """
 
 
@@ -21,8 +22,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, required=False)
     p.add_argument("--image", "--image-file", dest="images", action="append", default=[], metavar="PATH_OR_URL",
                    help="image file, http(s) URL or data: URL (repeatable, in prompt order)")
+    p.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH_OR_URL",
+                   help="video file, http(s) URL or data: URL (repeatable; LLaVA-NeXT-Video checkpoints)")
+    p.add_argument("--video-frames", type=int, metavar="N",
+                   help="frames sampled uniformly from each video (default: the checkpoint's, else 32)")
     p.add_argument("--prompt", "--query", dest="prompt", required=True,
-                   help="the question; with --conv-mode raw, the whole prompt with one <image> per image")
+                   help="the question; <image> / <video> in it mark where each image / video goes (else they "
+                        "come first); with --conv-mode raw, the whole prompt with one tag per image and video")
     p.add_argument("--json", action="store_true", help="print text, token counts and timings as JSON")
     add_sampling_flags(p)
 
@@ -31,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = load_pipeline(args)
     load_ms = (time.perf_counter() - start) * 1e3
-    kwargs = dict(images=args.images, conv_mode=args.conv_mode, **sampling_kwargs(args))
+    kwargs = dict(images=args.images, videos=args.videos, conv_mode=args.conv_mode, **sampling_kwargs(args))
     if not args.json:
         for piece in pipe.stream(args.prompt, **kwargs):
             sys.stdout.write(piece)

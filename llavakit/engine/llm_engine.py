@@ -1,9 +1,10 @@
 """The synchronous engine: requests in, one scheduled step at a time, outputs out; and `LLM`, the offline
 batch API on top of it.
 
-A request is {"prompt": str, "images": [...], "conv_mode": None | "raw" | name} (the meaning of
-`Pipeline.generate`), {"messages": [...], "images": [...]} (of `Pipeline.chat`), or
-{"prompt_token_ids": [...], "images": [...]} (ids already expanded, for benchmarks).
+A request is {"prompt": str, "images": [...], "videos": [...], "conv_mode": None | "raw" | name} (the
+meaning of `Pipeline.generate`), {"messages": [...], "images": [...], "videos": [...]} (of
+`Pipeline.chat`), or {"prompt_token_ids": [...], "images": [...], "videos": [...]} (ids already expanded,
+for benchmarks). "images" and "videos" are optional.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from llavakit.generation import find_stop, partial_stop_length
 from llavakit.layers.sampler import sample_batch
 from llavakit.pipeline import Pipeline
 from llavakit.processing.detokenizer import IncrementalDetokenizer
-from llavakit.processing.prompt import PreparedImage
+from llavakit.processing.prompt import Media, PreparedImage, PreparedVideo
 from llavakit.sampling import SamplingParams
 
 
@@ -60,9 +61,25 @@ class RequestOutput:
         return self.outputs[0].token_ids
 
 
-def image_hash(image: PreparedImage) -> str:
-    """Content hash of a preprocessed image (pixels and original size)."""
-    h = hashlib.sha256(str(image.size).encode())
+@dataclass(slots=True)
+class EngineStats:
+    """Sequences waiting and running, KV blocks in use (free prefix-cached blocks count as free)."""
+
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    num_preemptions: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total
+
+
+def image_hash(image: Media) -> str:
+    """Content hash of a preprocessed image (pixels and original size) or video (its sampled frames)."""
+    key = f"video {image.num_frames}" if isinstance(image, PreparedVideo) else str(image.size)
+    h = hashlib.sha256(key.encode())
     h.update(image.pixel_values.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
@@ -96,7 +113,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._tracks: dict[int, _Track] = {}
         self._requests: dict[str, RequestOutput] = {}
-        self._images: dict[str, PreparedImage] = {}
+        self._images: dict[str, Media] = {}
         self._request_images: dict[str, list[str]] = {}
 
     def add_request(self, request_id: str, request: dict[str, Any], params: SamplingParams | None = None) -> None:
@@ -107,7 +124,7 @@ class LLMEngine:
         ids, prepared, spans, stop = self._prepare(request)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {self.max_model_len}; "
-                             "shorten the text or use fewer / smaller images")
+                             "shorten the text or use fewer / smaller images (or fewer video frames)")
         hashes = [image_hash(p) for p in prepared]
         self._images.update(zip(hashes, prepared))
         self._request_images[request_id] = hashes
@@ -124,20 +141,24 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def _prepare(self, request: dict[str, Any]):
+        """(ids, images and videos in prompt order, their (start, length) runs, template stop string)."""
         proc = self.pipe.processor
         prepared = [im if isinstance(im, PreparedImage) else proc.prepare_images([im])[0]
                     for im in request.get("images") or []]
+        videos = proc.prepare_videos(list(request.get("videos") or []))  # prepared ones pass through
         conv_mode = request.get("conv_mode")
         stop = (proc.template if conv_mode in (None, "raw") else proc.template_for(conv_mode)).stop_str
         if "prompt_token_ids" in request:
             ids = list(request["prompt_token_ids"])
-            return ids, prepared, _placeholder_runs(ids, proc.cfg.image_token_id, prepared), stop
+            runs = sorted(_placeholder_runs(ids, proc.cfg.image_token_id, prepared, "image")
+                          + _placeholder_runs(ids, proc.cfg.video_token_id, videos, "video"), key=lambda r: r[0])
+            return ids, [item for _, item in runs], [(start, item.num_tokens) for start, item in runs], stop
         if "messages" in request:
-            text = proc.render_messages(request["messages"], len(prepared), conv_mode)
+            text = proc.render_messages(request["messages"], len(prepared), conv_mode, len(videos))
         else:
-            text = proc.render_prompt(request["prompt"], len(prepared), conv_mode)
-        ids, spans = proc.tokenize_with_spans(text, prepared)
-        return ids, prepared, spans, stop
+            text = proc.render_prompt(request["prompt"], len(prepared), conv_mode, len(videos))
+        inputs = proc.encode_prompt(text, prepared, videos)
+        return inputs.ids, inputs.media, inputs.spans, stop
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its KV blocks."""
@@ -147,6 +168,13 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        """Queue, batch and KV-cache occupancy now (for a server's metrics; plain ints, safe to read from
+        another thread between steps or during one)."""
+        bm = self.block_manager
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                           bm.num_blocks - bm.num_free_blocks, bm.num_blocks, self.scheduler.num_preemptions)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns the requests whose output changed (finished ones last time)."""
@@ -206,17 +234,17 @@ class LLMEngine:
                 self._images.pop(h, None)
 
 
-def _placeholder_runs(ids: list[int], image_id: int, images: list[PreparedImage]) -> list[tuple[int, int]]:
-    """(start, length) of each image in ids that were expanded by the caller, in order."""
-    spans, pos = [], 0
-    for image in images:
-        while pos < len(ids) and ids[pos] != image_id:
+def _placeholder_runs(ids: list[int], token_id: int | None, items: list[Media], kind: str) -> list[tuple[int, Media]]:
+    """(start, item) of each image (or each video) in ids that were expanded by the caller, in order."""
+    runs, pos = [], 0
+    for item in items:
+        while pos < len(ids) and ids[pos] != token_id:
             pos += 1
-        if ids[pos:pos + image.num_tokens] != [image_id] * image.num_tokens:
-            raise ValueError(f"prompt_token_ids lack the {image.num_tokens} placeholders of image {len(spans) + 1}")
-        spans.append((pos, image.num_tokens))
-        pos += image.num_tokens
-    return spans
+        if ids[pos:pos + item.num_tokens] != [token_id] * item.num_tokens:
+            raise ValueError(f"prompt_token_ids lack the {item.num_tokens} placeholders of {kind} {len(runs) + 1}")
+        runs.append((pos, item))
+        pos += item.num_tokens
+    return runs
 
 
 class LLM:

@@ -3,8 +3,8 @@ and the model call for one scheduled step.
 
 One step is a flat batch: every scheduled sequence contributes its new tokens (a prompt chunk or one
 decode token) to a single row of N tokens; attention finds each sequence's context through its block
-table. Images are encoded once per content hash (all of a step's new images in one tower call) and
-kept in an LRU cache, so a repeated image or a resumed prompt never runs the tower again.
+table. Images and videos are encoded once per content hash (all of a step's new ones in one call per kind)
+and kept in an LRU cache, so a repeated image or video or a resumed prompt never runs the tower again.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import torch
 
 from llavakit.config import EngineConfig
 from llavakit.engine.scheduler import ScheduledBatch
+from llavakit.generation import encode_media
 from llavakit.layers.attention import PagedAttentionMetadata
 from llavakit.models.llava import LlavaForConditionalGeneration
-from llavakit.processing.prompt import PreparedImage
+from llavakit.processing.prompt import Media, PreparedVideo
 
 
 def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int:
@@ -58,9 +59,10 @@ class ModelRunner:
                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_hidden_layers)]
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.images_encoded = 0
+        self.videos_encoded = 0
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, images: dict[str, PreparedImage]) -> tuple[list[int], torch.Tensor]:
+    def execute(self, batch: ScheduledBatch, images: dict[str, Media]) -> tuple[list[int], torch.Tensor]:
         """Compute one step; returns the seq_ids that sample and their next-token logits (S', V), fp32."""
         ids, positions, slots, feats = [], [], [], []
         self._encode_missing(batch, images)
@@ -97,9 +99,9 @@ class ModelRunner:
             block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
             decode_only=all(n == 1 for n in query_lens))
 
-    def _encode_missing(self, batch: ScheduledBatch, images: dict[str, PreparedImage]) -> None:
-        """Encode, in one tower call, every image this step needs that the cache does not hold."""
-        todo: dict[str, PreparedImage] = {}
+    def _encode_missing(self, batch: ScheduledBatch, images: dict[str, Media]) -> None:
+        """Encode every image and video this step needs that the cache does not hold."""
+        todo: dict[str, Media] = {}
         for item in batch.items:
             for span, _, _ in item.seq.images_in(item.start, item.start + item.num_tokens):
                 if span.content_hash in self.features:
@@ -108,9 +110,10 @@ class ModelRunner:
                     todo[span.content_hash] = images[span.content_hash]
         if not todo:
             return
-        encoded = self.model.encode_images([p.pixel_values.to(self.device) for p in todo.values()],
-                                           [p.size for p in todo.values()])
-        self.images_encoded += len(todo)
+        encoded = encode_media(self.model, list(todo.values()), self.device)
+        videos = sum(isinstance(p, PreparedVideo) for p in todo.values())
+        self.videos_encoded += videos
+        self.images_encoded += len(todo) - videos
         for key, feats in zip(todo, encoded):
             self.features[key] = feats
         while len(self.features) > max(self.cfg.vision_cache_images, len(todo)):

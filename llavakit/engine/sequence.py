@@ -22,11 +22,11 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(slots=True)
 class ImageSpan:
-    """One image's run of placeholder tokens inside a sequence."""
+    """One image's (or video's) run of placeholder tokens inside a sequence."""
 
     start: int  # position of its first placeholder token
-    length: int  # number of placeholder tokens (= its number of image features)
-    content_hash: str  # hex digest of the image content (distinct images -> distinct hashes)
+    length: int  # number of placeholder tokens (= its number of image or video features)
+    content_hash: str  # hex digest of the content (distinct images or videos -> distinct hashes)
 
 
 def block_hash(prev: int | None, token_ids: list[int], images: list[tuple[ImageSpan, int, int]],

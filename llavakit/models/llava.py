@@ -1,13 +1,15 @@
-"""The LLaVA composition: CLIP tower -> projector -> image features scattered into the decoder's input.
+"""The LLaVA composition: CLIP tower -> projector -> image and video features scattered into the decoder's
+input.
 
 Three explicit steps, used alike by the simple generate loop, the engine and training:
-`encode_images` (tower, projector, AnyRes merge) -> `embed_inputs` (masked scatter with a count check)
--> `forward` (decoder) -> `compute_logits`.
+`encode_images` (tower, projector, AnyRes merge) and `encode_videos` (tower, 2-D pooling of every frame,
+projector) -> `embed_inputs` (masked scatter with a count check) -> `forward` (decoder) -> `compute_logits`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llavakit.config import LlavaConfig
@@ -20,7 +22,7 @@ from llavakit.models.projector import Projector
 
 
 class LlavaForConditionalGeneration(nn.Module):
-    """One class for LLaVA-1.5, LLaVA-NeXT (AnyRes) and LLaVAR-style variants."""
+    """One class for LLaVA-1.5, LLaVA-NeXT (AnyRes), LLaVA-NeXT-Video and LLaVAR-style variants."""
 
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
@@ -66,17 +68,42 @@ class LlavaForConditionalGeneration(nn.Module):
             grid = torch.cat([grid, newline], dim=1)  # a newline embedding ends every row
         return torch.cat([feats[0], grid.flatten(0, 1)])
 
-    def embed_inputs(self, input_ids: torch.Tensor, image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """input_ids (B, T) with one placeholder per image feature -> embeddings (B, T, D)."""
+    def encode_videos(self, pixel_values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per video: frames (F, C, S, S) -> features (F * tokens_per_frame, D).
+
+        Each frame's patch grid is pooled before the projector, as transformers does for llava-hf
+        checkpoints (the LLaVA-NeXT code pools after it: other numbers). All frames go in one tower batch.
+        """
+        counts = [p.shape[0] for p in pixel_values]
+        feats = self.vision_tower(torch.cat(pixel_values))[:, 1:]  # (N, P, C): patches, CLS dropped
+        feats = self.projector(self._pool_frames(feats))  # (N, P', D)
+        return [f.flatten(0, 1) for f in feats.split(counts)]
+
+    def _pool_frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, g*g, C) -> (N, (g//s)**2, C): `average` or `max` pooling of the g x g grid, kernel = stride = s."""
+        n, _, c = feats.shape
+        g, s = self.cfg.vision.grid_size, self.cfg.spatial_pool_stride
+        grid = feats.view(n, g, g, c).permute(0, 3, 1, 2)  # (N, C, g, g)
+        pool = F.avg_pool2d if self.cfg.spatial_pool_mode == "average" else F.max_pool2d
+        return pool(grid, kernel_size=s, stride=s).flatten(2).transpose(1, 2)
+
+    def embed_inputs(self, input_ids: torch.Tensor, features: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """input_ids (B, T) with one placeholder per image or video feature -> embeddings (B, T, D).
+
+        `features` holds one (tokens, D) tensor per image or video in the order their placeholder runs
+        appear; image and video placeholders (different ids) are filled in that one order.
+        """
         mask = input_ids == self.cfg.image_token_id
+        if self.cfg.video_token_id is not None:
+            mask |= input_ids == self.cfg.video_token_id
         n_slots = int(mask.sum())
-        n_feats = sum(f.shape[0] for f in image_features or [])
+        n_feats = sum(f.shape[0] for f in features or [])
         if n_slots != n_feats:
-            raise ValueError(f"the input has {n_slots} image placeholder tokens but the images give {n_feats} "
-                             "features; build input ids with the model's tokenize() so the counts agree")
+            raise ValueError(f"the input has {n_slots} image/video placeholder tokens but the images and videos "
+                             f"give {n_feats} features; build input ids with the model's tokenize() so the counts agree")
         embeds = self.language_model.embed_tokens(torch.where(mask, 0, input_ids))
         if n_feats:
-            feats = torch.cat(image_features).to(embeds.dtype)
+            feats = torch.cat(features).to(embeds.dtype)
             embeds = embeds.masked_scatter(mask[..., None], feats)
         return embeds
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
 from llavakit.config import ORIGINAL_IMAGE_TOKEN_ID
 
 
-def tokenize_chunks(tokenizer: Any, prompt: str, image_token: str = "<image>") -> list[list[int]]:
+def split_on_tags(prompt: str, tags: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The texts between media tags and the tags in prompt order: len(texts) == len(found) + 1.
+    "A<image>B<video>" with tags ("<image>", "<video>") -> (["A", "B", ""], ["<image>", "<video>"])."""
+    parts = re.split("(" + "|".join(re.escape(t) for t in tags) + ")", prompt)
+    return parts[0::2], parts[1::2]
+
+
+def tokenize_chunks(tokenizer: Any, prompt: str, image_token: str | Sequence[str] = "<image>") -> list[list[int]]:
     """Token ids of the text between image tags: len(result) == number of tags + 1.
 
     Chunk rule (the original's): split the prompt on the image token and tokenize every chunk on its
@@ -17,9 +26,15 @@ def tokenize_chunks(tokenizer: Any, prompt: str, image_token: str = "<image>") -
     with "\\n" (the usual "<image>\\n...") begins with "▁" (29871) then "\\n" (13), and a chunk ending
     in a space ("USER: ") ends with "▁" (29871). transformers' processors, which tokenize the whole
     text with one added "<image>" token per feature, give the same ids. An empty chunk (image at
-    either end, adjacent images) contributes no ids.
+    either end, adjacent images) contributes no ids. `image_token` may be several tags (image and video).
     """
-    chunks = [tokenizer(chunk, add_special_tokens=True).input_ids for chunk in prompt.split(image_token)]
+    tags = [image_token] if isinstance(image_token, str) else list(image_token)
+    return tokenize_texts(tokenizer, split_on_tags(prompt, tags)[0])
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text between tags, by the chunk rule of `tokenize_chunks`."""
+    chunks = [tokenizer(chunk, add_special_tokens=True).input_ids for chunk in texts]
     bos = tokenizer.bos_token_id
     strip = int(bos is not None and chunks[0][:1] == [bos])
     for chunk in chunks[1:]:

@@ -32,6 +32,20 @@ def test_llava15_mha_every_hf_layout(tmp_path, layout):
     assert_parity(pipe, hf, proc, [noise_image(30, 90, seed=1)])
 
 
+def test_llava15_several_images_in_order(tmp_path):
+    """Several images in one prompt: placed by the template, or where the prompt's tags put them."""
+    hf = build_hf_model("llava", seed=5)
+    d = write_hf_checkpoint(hf, tmp_path / "multi", "hub", processor=processor_config("LlavaImageProcessor", do_pad=True))
+    pipe = _load(d)
+    proc = hf_processor("llava", d)
+    images = [noise_image(60, 40, seed=1), noise_image(30, 90, seed=2), noise_image(50, 50, seed=3)]
+    ids = assert_parity(pipe, hf, proc, images)
+    assert ids.count(IMAGE_TOKEN_ID) == 12
+    ids = assert_parity(pipe, hf, proc, images[:2], prompt="Is <image> the same scene as <image>? Say why.")
+    first = ids.index(IMAGE_TOKEN_ID)
+    assert ids[first:first + 4] == [IMAGE_TOKEN_ID] * 4 and ids[first + 4] != IMAGE_TOKEN_ID  # text between
+
+
 def test_llava15_clip_processor_means_no_pad(tmp_path):
     """llava-hf 1.5 repos ship a CLIPImageProcessor: no expand2square, as transformers does."""
     hf = build_hf_model("llava")
@@ -68,6 +82,15 @@ def test_llava_next_two_images_and_transformers5_layout(next_gqa, tmp_path):
     pipe = _load(d)
     images = [noise_image(100, 30), noise_image(20, 50, seed=3)]
     assert_parity(pipe, hf, hf_processor("llava_next", d), images)
+
+
+def test_llava_next_images_placed_by_the_prompt(next_gqa):
+    hf, d, pipe = next_gqa
+    images = [noise_image(20, 50, seed=4), noise_image(100, 30, seed=5), noise_image(9, 7, seed=6)]
+    prompt = "First <image>, then <image>; which one matches <image> best?"
+    ids = assert_parity(pipe, hf, hf_processor("llava_next", d), images, prompt=prompt)
+    counts = [p.num_tokens for p in pipe.processor.prepare_images(images)]
+    assert ids.count(IMAGE_TOKEN_ID) == sum(counts) and len(set(counts)) > 1  # AnyRes: each image its own count
 
 
 @pytest.mark.parametrize("window", [None, 24])
