@@ -142,3 +142,10 @@ def test_sampling_params_new_defaults_disable_everything():
     assert (p.n, p.logprobs, p.min_p) == (3, 0, 0.1)
     d = SamplingParams()
     assert (d.min_p, d.presence_penalty, d.frequency_penalty, d.n, d.logprobs) == (0.0, 0.0, 0.0, 1, None)
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    for top_p in (5e-324, 1e-9, 0.0):
+        kept = filter_top_k_top_p(logits, 0, top_p)
+        assert torch.isfinite(kept).tolist() == [[False, True, False, False]]
