@@ -8,7 +8,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llavakit.cli import bench, chat, demo, evaluation, generate, ground, merge_lora, predict, prompt, train
+from llavakit.cli import (
+    bench,
+    chat,
+    demo,
+    evaluation,
+    generate,
+    ground,
+    merge_lora,
+    predict,
+    prompt,
+    serve,
+    train,
+)
 from llavakit.cli.common import USER_ERRORS, CliError
 
 EPILOG = """examples:
@@ -18,10 +30,12 @@ EPILOG = """examples:
   llavakit prompt --model llava-1.5-7b "What is in the picture?"
   llavakit train --stage lora --model llava-1.5-7b --data-path data.json --image-folder imgs/ --output-dir out
   llavakit merge-lora --base llava-1.5-7b --lora out/final --out merged/
+  llavakit serve --model llava-1.5-7b --port 8000
 """
 
 SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt, "train": train,
-               "merge-lora": merge_lora, "demo": demo, "bench": bench, "eval": evaluation, "ground": ground}
+               "merge-lora": merge_lora, "demo": demo, "bench": bench, "eval": evaluation, "ground": ground,
+               "serve": serve}
 
 
 def build_parser() -> argparse.ArgumentParser:

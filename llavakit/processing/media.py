@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
 
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
@@ -32,7 +32,12 @@ class MediaError(ValueError):
 @dataclass(slots=True)
 class FetchPolicy:
     """Limits for reading media. Servers keep the defaults; tests allow private networks to reach
-    127.0.0.1. `allow_local_files=False` makes `read_source` refuse plain paths (servers should set it)."""
+    127.0.0.1. `allow_local_files=False` makes `read_source` refuse plain paths (servers should set it).
+
+    `local_media_root`: file:// URLs are read only from inside this directory (after resolving symlinks);
+    None refuses them. `trusted_hosts`: "host:port" entries exempt from the public-address check (a
+    test's local image server, an intranet image store); their address is still resolved once and pinned.
+    """
 
     max_bytes: int = 20 * 2**20
     connect_timeout: float = 5.0
@@ -41,6 +46,8 @@ class FetchPolicy:
     allow_private_networks: bool = False
     user_agent: str = "llavakit"
     allow_local_files: bool = True
+    local_media_root: str | None = None
+    trusted_hosts: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_bytes <= 0:
@@ -50,6 +57,15 @@ class FetchPolicy:
                              f"total {self.total_timeout}")
         if self.max_redirects < 0:
             raise ValueError(f"FetchPolicy.max_redirects must be >= 0, got {self.max_redirects}")
+        self.trusted_hosts = tuple(self.trusted_hosts)
+        for entry in self.trusted_hosts:
+            host, sep, port = entry.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"FetchPolicy.trusted_hosts entries are 'host:port', got {entry!r}")
+
+    def trusts(self, host: str, port: int) -> bool:
+        """Whether host:port, the host as a URL names it (not what it resolves to), is a trusted host."""
+        return f"{host.lower()}:{port}" in {e.lower().replace("[", "").replace("]", "") for e in self.trusted_hosts}
 
 
 @dataclass(slots=True)
@@ -111,7 +127,7 @@ def check_address(host: str, port: int, policy: FetchPolicy) -> str:
     addresses = [info[4][0] for info in infos]
     if not addresses:
         raise MediaError(f"host {host!r} has no addresses; check the URL's host name")
-    if not policy.allow_private_networks:
+    if not (policy.allow_private_networks or policy.trusts(host, port)):
         for address in addresses:
             if not is_public_address(address):
                 raise MediaError(f"host {host!r} resolves to {address}, which is not a public internet "
@@ -280,7 +296,27 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
 def _read_local(path: str, policy: FetchPolicy) -> bytes:
     if not policy.allow_local_files:
         raise MediaError("local file paths are not accepted here; pass an http(s) or data: URL")
-    p = Path(path).expanduser()
+    return _read_file(Path(path).expanduser(), path, policy)
+
+
+def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
+    """A file:// URL, only from inside `policy.local_media_root` (symlinks resolved before the check)."""
+    if policy.local_media_root is None:
+        instead = "an http(s) URL, a data: URL or a plain file path" if policy.allow_local_files else \
+            "an http(s) or data: URL"
+        raise MediaError(f"URL scheme 'file' is not supported here (no local media directory is set); pass {instead}")
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise MediaError(f"file URL {_short(url)!r} names a remote host; only file:///absolute/path is allowed")
+    root = Path(policy.local_media_root).resolve()
+    target = Path(unquote(parts.path)).resolve()
+    if not target.is_relative_to(root):
+        raise MediaError(f"file URL {_short(url)!r} is outside the allowed local media directory; "
+                         "only files under that directory can be read")
+    return _read_file(target, _short(url), policy)
+
+
+def _read_file(p: Path, path: str, policy: FetchPolicy) -> bytes:
     if not p.is_file():
         raise MediaError(f"image file {path!r} does not exist (or is not a file); check the path")
     size = p.stat().st_size
@@ -291,13 +327,16 @@ def _read_local(path: str, policy: FetchPolicy) -> bytes:
 
 
 def read_source(source: str, policy: FetchPolicy | None = None) -> bytes:
-    """Bytes of an http(s) URL, a data: URL or (if the policy allows) a local file path."""
+    """Bytes of an http(s) URL, a data: URL, a file:// URL under the policy's local media root, or (if the
+    policy allows) a local file path."""
     policy = policy or FetchPolicy()
     lowered = source[:16].lower()
     if lowered.startswith(("http://", "https://")):
         return fetch_url(source, policy)
     if lowered.startswith("data:"):
         return decode_data_url(source, policy.max_bytes)
+    if lowered.startswith("file://"):
+        return _read_file_url(source, policy)
     scheme, sep, _ = source.partition("://")
     if sep and scheme.isalnum():
         raise MediaError(f"URL scheme {scheme!r} is not supported; use http(s), a data: URL or a file path")

@@ -229,3 +229,36 @@ def test_https_handshake_failure_is_a_media_error(server):
     """The test server speaks plain HTTP, so the TLS handshake of the pinned HTTPS connection fails."""
     with pytest.raises(MediaError, match="could not fetch .*SSL"):
         fetch_url(server.replace("http://", "https://") + "/ok", LOCAL)
+
+
+def test_file_urls_only_from_inside_the_local_media_root(tmp_path, no_connect):
+    root, outside = tmp_path / "media", tmp_path / "secret.bin"
+    root.mkdir()
+    (root / "a b.png").write_bytes(b"inside")
+    outside.write_bytes(b"secret")
+    (root / "link.png").symlink_to(outside)
+    policy = FetchPolicy(allow_local_files=False, local_media_root=str(root))
+    assert read_source(f"file://{root}/a%20b.png", policy) == b"inside"
+    for url in (f"file://{outside}", f"file://{root}/../secret.bin", f"file://{root}/link.png"):
+        with pytest.raises(MediaError, match="outside the allowed local media directory"):
+            read_source(url, policy)
+    with pytest.raises(MediaError, match="remote host"):
+        read_source(f"file://example.com{root}/a%20b.png", policy)
+    with pytest.raises(MediaError, match="scheme 'file' is not supported"):
+        read_source(f"file://{root}/a%20b.png", FetchPolicy())
+    with pytest.raises(MediaError, match="over the 3-byte limit"):
+        read_source(f"file://{root}/a%20b.png", FetchPolicy(max_bytes=3, local_media_root=str(root)))
+
+
+def test_trusted_hosts_exempt_that_host_and_port_only(server):
+    port = int(server.rsplit(":", 1)[1])
+    trusted = FetchPolicy(trusted_hosts=(f"127.0.0.1:{port}",))
+    assert fetch_url(server + "/ok", trusted) == BODY
+    with pytest.raises(MediaError, match="10.0.0.1"):  # its redirects are still checked
+        fetch_url(server + "/to-private", trusted)
+    with pytest.raises(MediaError, match="not a public internet address"):  # same host, another port
+        fetch_url(server + "/ok", FetchPolicy(trusted_hosts=(f"127.0.0.1:{port + 1}",)))
+    with pytest.raises(MediaError, match="not a public internet address"):  # another name for the host
+        fetch_url(server.replace("127.0.0.1", "localhost") + "/ok", trusted)
+    with pytest.raises(ValueError, match="host:port"):
+        FetchPolicy(trusted_hosts=("127.0.0.1",))

@@ -1,0 +1,94 @@
+"""`llavakit serve`: an OpenAI-compatible HTTP server (plus TGI, vLLM and Triton formats) on the
+continuous-batching engine, with limits for untrusted clients."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llavakit.cli.common import add_model_flags, load_pipeline
+
+HELP = "serve a model over HTTP (OpenAI chat/completions, TGI, vLLM, Triton formats)"
+EXAMPLE = """examples:
+  llavakit serve --model llava-1.5-7b
+  llavakit serve --model DIR --host 0.0.0.0 --port 8000 --api-key "$KEY" --max-num-seqs 32
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model": "DIR", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+MiB = 2**20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p, required=False)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", metavar="KEY", default=os.environ.get("LLAVAKIT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LLAVAKIT_API_KEY; unset: no key)")
+    g.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_engine_flags(p)
+    _add_limit_flags(p)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-num-seqs", type=int, metavar="N", default=64, help="sequences in the running batch")
+    g.add_argument("--max-num-batched-tokens", type=int, metavar="N", default=4096, help="tokens computed per step")
+    g.add_argument("--max-model-len", type=int, metavar="N", help="context limit (default: the model's)")
+    g.add_argument("--block-size", type=int, metavar="N", default=16)
+    g.add_argument("--num-kv-blocks", type=int, metavar="N", help="KV-cache blocks (default: from memory)")
+    g.add_argument("--kv-cache-memory", type=float, metavar="GiB", help="KV-cache size in GiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--no-chunked-prefill", action="store_true")
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("limits (for untrusted clients)")
+    g.add_argument("--max-queue", type=int, metavar="N", default=256,
+                   help="sequences that may wait beyond the running batch; more get 503 + Retry-After")
+    g.add_argument("--max-body-mb", type=float, default=32, metavar="MiB", help="request body size cap in MiB")
+    g.add_argument("--max-images-per-request", type=int, metavar="N", default=4)
+    g.add_argument("--max-image-mb", type=float, default=20, metavar="MiB",
+                   help="size cap per image (download or base64), in MiB")
+    g.add_argument("--max-image-pixels", type=int, metavar="N", default=16_000_000, help="checked before decoding")
+    g.add_argument("--max-image-aspect-ratio", type=float, default=100.0, metavar="R")
+    g.add_argument("--fetch-timeout", type=float, default=20.0, metavar="S",
+                   help="seconds per image download, redirects included")
+    g.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
+    g.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="serve file:// image URLs from under DIR (default: file:// is refused)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavakit.config import EngineConfig
+    from llavakit.serve.config import ServeConfig, server_fetch_policy
+    from llavakit.serve.server import serve
+    from llavakit.serve.service import Service
+
+    root = args.allowed_local_media_path
+    if root is not None and not os.path.isdir(root):
+        raise ValueError(f"--allowed-local-media-path {root!r} is not a directory")
+    fetch = server_fetch_policy(int(args.max_image_mb * MiB), root, total_timeout=args.fetch_timeout,
+                                connect_timeout=args.connect_timeout)
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+                      model_name=args.served_model_name or str(args.model or "demo"),
+                      max_body_bytes=int(args.max_body_mb * MiB), max_images_per_request=args.max_images_per_request,
+                      max_image_pixels=args.max_image_pixels, max_image_aspect_ratio=args.max_image_aspect_ratio,
+                      max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, fetch=fetch)
+    engine_cfg = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+        enable_chunked_prefill=not args.no_chunked_prefill)
+    service = Service(load_pipeline(args), engine_cfg, cfg)
+    print(f"serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (OpenAI API under /v1; /docs lists "
+          "every route)", file=sys.stderr, flush=True)
+    serve(service, args.log_level)
+    return 0

@@ -1,0 +1,56 @@
+"""ServeConfig: the server's address, credentials and every limit that protects it, with defaults that
+are safe for a server reachable by untrusted clients. The CLI maps `llavakit serve` flags onto it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llavakit.processing.media import FetchPolicy
+
+MAX_N = 8  # completions per request (the issue's limit; OpenAI's is higher, but n multiplies the cost)
+
+
+def server_fetch_policy(max_image_bytes: int = 20 * 2**20, local_media_root: str | None = None,
+                        **overrides) -> FetchPolicy:
+    """The fetch policy a server uses: no plain paths, public addresses only, file:// only under
+    `local_media_root`, at most 3 redirects, 5 s to connect and 20 s per image in all."""
+    settings = {"max_bytes": max_image_bytes, "connect_timeout": 5.0, "total_timeout": 20.0, "max_redirects": 3,
+                "allow_private_networks": False, "allow_local_files": False, "local_media_root": local_media_root,
+                "user_agent": "llavakit-server"}
+    return FetchPolicy(**{**settings, **overrides})
+
+
+@dataclass(slots=True)
+class ServeConfig:
+    """Server settings. Image bytes, timeouts, redirects and file:// access are in `fetch`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "llavakit"  # the id clients pass as "model" and /v1/models lists
+    api_key: str | None = None  # when set, every API route needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 32 * 2**20
+    body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_images_per_request: int = 4
+    max_image_pixels: int = 16_000_000  # checked from the header, before decoding
+    max_image_aspect_ratio: float = 100.0  # longer side / shorter side
+    max_queue: int = 256  # sequences that may wait beyond the running batch; more get 503
+    retry_after: int = 2  # seconds, sent with 503
+    shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
+    media_workers: int = 16  # threads that fetch and decode images, off the event loop
+    fetch: FetchPolicy = field(default_factory=server_fetch_policy)
+
+    def __post_init__(self):
+        positive = {"max_body_bytes": self.max_body_bytes, "body_timeout": self.body_timeout,
+                    "max_image_pixels": self.max_image_pixels, "retry_after": self.retry_after,
+                    "media_workers": self.media_workers}
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"ServeConfig.{name} must be positive, got {value}")
+        if self.max_images_per_request < 0 or self.max_queue < 0 or self.shutdown_timeout < 0:
+            raise ValueError("ServeConfig.max_images_per_request, max_queue and shutdown_timeout must be >= 0")
+        if self.max_image_aspect_ratio < 1:
+            raise ValueError(f"ServeConfig.max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("ServeConfig.api_key must not be empty; leave it unset to serve without a key")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"ServeConfig.port must be in 0..65535, got {self.port}")

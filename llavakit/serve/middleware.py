@@ -1,0 +1,87 @@
+"""Checks that run before any route: the API key, and the request body's size and arrival time.
+
+Plain ASGI rather than FastAPI dependencies, so that a refused request is answered before its body is
+read: an oversized upload is cut off at the limit instead of being parsed, and a client that sends its
+body slowly gets a 408 instead of holding a connection forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from llavakit.serve.config import ServeConfig
+from llavakit.serve.errors import APIError
+
+PUBLIC_PATHS = ("/health", "/metrics")  # monitoring works without the API key
+
+
+class GuardMiddleware:
+    """API key check, then the body read whole under the size cap and the body timeout."""
+
+    def __init__(self, app: ASGIApp, cfg: ServeConfig):
+        self.app, self.cfg = app, cfg
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            self._check_key(scope)
+            self._check_length(scope)
+            body = await self._read_body(receive)
+        except APIError as e:
+            return await e.response()(scope, receive, send)
+        if body is None:  # the client left while sending
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _check_key(self, scope: Scope) -> None:
+        if self.cfg.api_key is None or scope["path"] in PUBLIC_PATHS:
+            return
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
+            message = ("the API key is missing: send the header 'Authorization: Bearer <key>'" if not auth
+                       else "the API key is not valid; check the key the server was started with")
+            raise APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def _check_length(self, scope: Scope) -> None:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.cfg.max_body_bytes):
+            raise self._too_large()
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.body_timeout
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body took longer than {self.cfg.body_timeout:g} s to arrive; "
+                                    "send it at once", code="request_timeout") from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.cfg.max_body_bytes:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is over the {self.cfg.max_body_bytes}-byte limit; send smaller "
+                             "or fewer images", code="request_too_large")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that yields the buffered body once, then the connection's own messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed

@@ -1,0 +1,125 @@
+"""Client text and images to prompt ids, such that typed text never becomes an image slot.
+
+Only the server places image tags: one "<image>\\n" per image at the start of the message that carries it
+(for the first user turn that is exactly where `PromptProcessor.render_messages` puts them, so requests
+get the same ids as the offline engine). A client who types "<image>" gets those characters as text:
+the tag is swapped for a marker before rendering, and after tokenization any image (or video) token id
+that the text produced is replaced by the ids of its characters. A stray placeholder id would otherwise
+fail the count check inside the model and with it every request batched alongside.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from llavakit.processing.prompt import IMAGE_TAG, PreparedImage, PromptProcessor
+from llavakit.processing.tokens import tokenize_texts
+from llavakit.serve.errors import bad_request
+from llavakit.serve.protocol import ChatMessage, ImagePart
+
+_TYPED_TAG = "\x00llavakit:typed-image-tag\x00"  # stands for text the client typed; never split on
+_MARKDOWN_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def protect(text: str, param: str) -> str:
+    """Client text, checked to be valid Unicode, with each typed image tag marked as plain text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} holds an unpaired surrogate code point; send valid Unicode text", param) from None
+    return text.replace(IMAGE_TAG, _TYPED_TAG)
+
+
+@dataclass(slots=True)
+class ChatInput:
+    """A conversation ready to render: contents with the server's image tags, and the image URLs."""
+
+    messages: list[dict[str, str]]
+    images: list[str]
+
+
+def chat_input(messages: list[ChatMessage]) -> ChatInput:
+    """OpenAI messages -> {"role", "content"} dicts. Images go first in their message, in order, each as
+    "<image>\\n"; text parts follow, joined by newlines. Only user messages may carry images."""
+    out, images = [], []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        parts = [message.content or ""] if not isinstance(message.content, list) else message.content
+        texts = [p if isinstance(p, str) else p.text for p in parts if not isinstance(p, ImagePart)]
+        urls = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+        if urls and role != "user":
+            raise bad_request(f"messages[{i}] has role {role!r} and images; only user messages may carry images",
+                              f"messages.{i}.content")
+        content = "\n".join(protect(t, f"messages.{i}.content") for t in texts)
+        out.append({"role": role, "content": f"{IMAGE_TAG}\n" * len(urls) + content})
+        images += urls
+    if out[-1]["role"] != "user":
+        raise bad_request(f"the last message has role {out[-1]['role']!r}; end the conversation with a user "
+                          "message for the model to answer", "messages")
+    return ChatInput(out, images)
+
+
+def raw_text(prompt: str, num_images: int, param: str) -> str:
+    """A raw prompt (no template) with `num_images` image tags before it."""
+    return f"{IMAGE_TAG}\n" * num_images + protect(prompt, param)
+
+
+def markdown_images(inputs: str, param: str) -> tuple[str, list[str]]:
+    """TGI inputs: each ![](url) becomes an image tag where it stands; the rest is text."""
+    pieces = _MARKDOWN_IMAGE.split(inputs)  # text, url, text, url, ..., text
+    texts, urls = pieces[0::2], pieces[1::2]
+    return IMAGE_TAG.join(protect(t, param) for t in texts), urls
+
+
+class PromptEncoder:
+    """Tokenizes rendered text for one checkpoint by the chunk rule of `processing.tokens` (the text
+    between image tags tokenized chunk by chunk), with typed tags read as plain text."""
+
+    def __init__(self, processor: PromptProcessor):
+        self.processor = processor
+        cfg, tok = processor.cfg, processor.tokenizer
+        vocab_size = len(tok)
+        placeholders = {cfg.image_token_id, cfg.video_token_id}
+        self._literal = {i: _text_ids(tok, tok.convert_ids_to_tokens(i))
+                         for i in placeholders if i is not None and 0 <= i < vocab_size}
+        # No token spans more characters than the longest vocabulary entry, so a text longer than
+        # max_len * this many characters is over any token limit without tokenizing it.
+        self.max_token_chars = max(len(t) for t in tok.get_vocab())
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        try:
+            return self.processor.render_messages(messages, 0)
+        except ValueError as e:  # turn order and roles, in the template's words
+            raise bad_request(str(e), "messages") from None
+
+    def encode(self, text: str, images: list[PreparedImage]) -> list[int]:
+        """Ids of rendered `text` whose n-th image tag takes images[n]'s feature count of placeholders."""
+        cfg = self.processor.cfg
+        if cfg.use_im_start_end:
+            text = text.replace(IMAGE_TAG, f"<im_start>{IMAGE_TAG}<im_end>")
+        pieces = [piece.replace(_TYPED_TAG, IMAGE_TAG) for piece in text.split(IMAGE_TAG)]
+        assert len(pieces) - 1 == len(images), f"{len(pieces) - 1} image tags for {len(images)} images"
+        chunks = [self._as_text(chunk) for chunk in tokenize_texts(self.processor.tokenizer, pieces)]
+        ids = list(chunks[0])
+        for image, chunk in zip(images, chunks[1:]):
+            ids += [cfg.image_token_id] * image.num_tokens + chunk
+        assert ids.count(cfg.image_token_id) == sum(im.num_tokens for im in images), "stray image placeholder"
+        return ids
+
+    def _as_text(self, ids: list[int]) -> list[int]:
+        """A chunk's ids with each placeholder id (a typed tag) replaced by the ids of its characters."""
+        if not any(i in self._literal for i in ids):
+            return ids
+        return [j for i in ids for j in self._literal.get(i, (i,))]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` read as plain characters, as they continue a word: the tokenizer already keeps the
+    spaces around a special token it splits on, so no word-start marker may be added here."""
+    def ids(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    anchor = ids("x")
+    joined = ids("x" + text)
+    return joined[len(anchor):] if joined[:len(anchor)] == anchor else ids(text)
