@@ -12,18 +12,20 @@ EXAMPLE = """examples:
   llavakit demo train --workdir /tmp/demo      # the whole recipe: data, two training stages, evaluation
   llavakit demo train --workdir /tmp/demo --install   # ... and make the result the built-in model
   llavakit demo scene --seed 3 --out scene.png # draw one synthetic scene
+  llavakit demo export --out demo-bench -n 200 # held-out scenes as a benchmark for predict + eval score
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["train", "eval", "scene"])
+    p.add_argument("action", choices=["train", "eval", "scene", "export"])
     p.add_argument("--workdir", type=Path, default=Path("demo-work"), help="train: where data and checkpoints go")
     p.add_argument("--scale", type=float, default=1.0, help="train: fraction of the full step count")
     p.add_argument("--install", action="store_true", help="train: copy the result into the package")
     p.add_argument("--model", default="demo", help="eval: the checkpoint to grade (default: the built-in one)")
-    p.add_argument("-n", "--scenes", type=int, default=500, help="eval: held-out scenes to grade")
+    p.add_argument("-n", "--scenes", type=int, default=500, help="eval/export: held-out scenes to grade or write")
     p.add_argument("--seed", type=int, default=0, help="scene: which scene to draw")
-    p.add_argument("--out", type=Path, default=Path("scene.png"), help="scene: output PNG")
+    p.add_argument("--out", type=Path, help="scene: output PNG (default scene.png); export: output directory "
+                   "(default demo-bench)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +42,14 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate(llavakit.load(args.model, dtype="float32", device="cpu"), n=args.scenes)
         print(report.table())
         return 0 if report.passed() else 1
+    if args.action == "export":
+        from llavakit.demo.evaluate import export_benchmark
+
+        out = args.out or Path("demo-bench")
+        counts = export_benchmark(out, n=args.scenes)
+        print(f"{out}: {counts['questions']} questions on {args.scenes} scenes ({counts['vqa']} scored by VQA "
+              f"accuracy in vqa.jsonl, {counts['pope']} yes/no in pope.jsonl)", file=sys.stderr)
+        return 0
     return _scene(args)
 
 
@@ -50,6 +60,7 @@ def _scene(args: argparse.Namespace) -> int:
     from llavakit.demo.scenes import random_scene
 
     scene = random_scene(random.Random(args.seed))
-    scene.render().save(args.out)
-    print(f"{args.out}: {caption(scene)}", file=sys.stderr)
+    out = args.out or Path("scene.png")
+    scene.render().save(out)
+    print(f"{out}: {caption(scene)}", file=sys.stderr)
     return 0

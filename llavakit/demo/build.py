@@ -62,15 +62,15 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     return fast
 
 
-def demo_config(tokenizer, feature_layers=None) -> LlavaConfig:
+def demo_config(tokenizer, feature_layers=None, image_size: int = 96, patch_size: int = 12) -> LlavaConfig:
     """~6M parameters: a 4-layer CLIP-style tower on 96-pixel images (64 patches), a 4-layer decoder."""
     vision = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                          image_size=96, patch_size=12)
+                          image_size=image_size, patch_size=patch_size)
     text = TextConfig(vocab_size=math.ceil(len(tokenizer) / 64) * 64, hidden_size=256, intermediate_size=704,
                       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=1024, rms_norm_eps=1e-5,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
-    return LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=96, crop_size=96),
+    return LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=image_size, crop_size=image_size),
                        model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=FEATURE_LAYERS if feature_layers is None else feature_layers)
 
@@ -83,15 +83,35 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
     nn.init.normal_(model.vision_tower.embeddings.class_embedding, std=std)
+    emb = model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():  # 2-D sin-cos positions: attention can use where a patch is from the first step
+        emb[1:] = 0.5 * sincos_positions(int(math.isqrt(emb.shape[0] - 1)), emb.shape[1])
+        emb[0] = 0
 
 
-def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None) -> Path:
-    """A random demo model in llava-hf layout, with its tokenizer: what stage 1 trains from."""
+def sincos_positions(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2-D sine-cosine position codes, half the channels for rows, half for columns."""
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    parts = [f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)
+
+
+def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None, vision_steps: int = 0,
+                             log=print) -> Path:
+    """The demo model in llava-hf layout, with its tokenizer, that the language stages train from:
+    randomly initialised, then (vision_steps > 0) its tower trained on dense scene targets."""
     tokenizer = build_tokenizer(seed=seed)
     cfg = demo_config(tokenizer, feature_layers)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     init_weights(model)
+    if vision_steps > 0:
+        from llavakit.demo.vision import pretrain_tower
+
+        pretrain_tower(model.vision_tower, cfg.vision, cfg.image, steps=vision_steps, seed=seed, log=log)
     # The tower's final layer norm is never run (features come from the last layer's output), but
     # transformers expects it in the file.
     d = cfg.vision.hidden_size

@@ -95,3 +95,37 @@ def evaluate(pipe, n: int = 500, seed: int = 10_000, max_new_tokens: int = 40) -
                            {"role": "user", "content": follow.question}]
                 report.add(follow, pipe.chat(history, images=[image], max_new_tokens=max_new_tokens).text)
     return report
+
+
+def export_benchmark(out, n: int = 200, seed: int = 20_000) -> dict[str, int]:
+    """Held-out scenes as a benchmark in the published formats, for `llavakit predict` + `eval score`:
+    images/, questions.jsonl (model_vqa questions), vqa.jsonl (colour, shape and count questions with ten
+    reference answers each, scored by VQA accuracy) and pope.jsonl (yes/no questions, scored by POPE's
+    rules). Returns how many questions of each file were written."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    questions, vqa, pope = [], [], []
+    for i in range(n):
+        scene = random_scene(rng)
+        name = f"scene_{i:04d}.png"
+        scene.render().save(out / "images" / name)
+        for kind in ("color", "shape", "count", "exists", "relation"):
+            got = ask(rng, scene, kind)
+            if got is None:
+                continue
+            qa, _ = got
+            qid = len(questions)
+            questions.append({"question_id": qid, "image": name, "text": qa.question, "category": qa.category})
+            short = _words(qa.answer)[-1]  # "Red." -> "red", "A circle." -> "circle", "Two." -> "two"
+            if qa.category == "yesno":
+                pope.append({"question_id": qid, "image": name, "text": qa.question, "label": short,
+                             "category": kind})
+            else:
+                vqa.append({"question_id": qid, "answers": [short] * 10})
+    for file, rows in (("questions.jsonl", questions), ("vqa.jsonl", vqa), ("pope.jsonl", pope)):
+        (out / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"questions": len(questions), "vqa": len(vqa), "pope": len(pope)}

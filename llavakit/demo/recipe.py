@@ -1,13 +1,14 @@
-"""`llavakit demo train`: the recipe that makes the built-in demo model, in two stages with llavakit's
-own trainer, then grades it and (optionally) installs it into the package.
+"""`llavakit demo train`: the recipe that makes the built-in demo model, in three stages, then grades it
+and (optionally) installs it into the package.
 
-Stage 1 teaches what things look like on scenes of a single shape (captions, colours, shapes, counts,
-yes/no, boxes) to a randomly initialised model; stage 2 moves to scenes of up to four shapes and adds
-spatial relations and follow-up turns. The projector and the
-decoder train; the CLIP-architecture tower keeps its random initialisation, a fixed random-feature
-extractor: trained jointly from scratch, its features drifted faster than the decoder could learn to read
-them and the model fell back on the language prior (colour accuracy at chance), while with the tower
-frozen the same budget reached 80% on colours in 120 steps. About 25 minutes on 2 CPU cores at scale 1.
+Stage 0 (demo/vision.py) trains the CLIP-architecture tower alone on dense targets read off the
+generator (per patch: colour, kind, outline, box digits; per scene: counts and which shapes are present),
+with linear heads that are then dropped. Without it the decoder learnt only the language prior: through
+the language loss alone a from-scratch tower gets too weak a signal, and a frozen random tower gave
+colours but never shapes. Stages 1 and 2 are llavakit's own trainer (`stage="finetune"`, tower frozen,
+projector and decoder trained) on conversations: stage 1 on scenes of one shape (captions, colours,
+shapes, counts, yes/no, boxes), stage 2 on scenes of up to four shapes with spatial relations and
+follow-up turns.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
     ("stage2", 850, 6e-4, None, 4),
 ]
 BATCH = 32
+VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
 
 
 def train_demo(workdir: Path, scale: float = 1.0, seed: int = 0, eval_scenes: int = 500,
                install: bool = False) -> tuple[Path, Report | None]:
     """Build data, train both stages, grade; returns the final checkpoint and the report."""
     workdir = Path(workdir)
-    model = write_initial_checkpoint(workdir / "init", seed=seed)
+    model = write_initial_checkpoint(workdir / "init", seed=seed, vision_steps=max(2, round(VISION_STEPS * scale)))
     for k, (name, steps, lr, kinds, max_shapes) in enumerate(STAGES):
         n_steps = max(2, round(steps * scale))
         data = write_dataset(workdir / f"{name}-data", n_steps * BATCH, seed=seed * 100 + k + 1, turns=(3, 6),

@@ -112,3 +112,71 @@ def test_transformers_loads_the_demo_and_gives_the_same_answers(demo):
                                   do_sample=False)[0, len(ids):].tolist()
             ours = demo.generate(question, images=[image], max_new_tokens=30).token_ids
             assert ours == ref[:len(ours)] and (len(ours) == len(ref) or ours[-1] == demo.tokenizer.eos_token_id)
+
+
+def test_vision_stage_targets_follow_the_drawing():
+    from llavakit.demo.scenes import Scene, Shape
+    from llavakit.demo.vision import scene_targets
+
+    # 160x120 canvas padded to 160x160 (20 px bands above and below): a red square on patches (1..2, 1..2)
+    # of the 8x8 grid (20 px each), i.e. pixels 20..60 of the square frame.
+    scene = Scene(160, 120, ((235, 225, 200),) * 2, (Shape("square", "red", (20, 0, 60, 40)),))
+    t = scene_targets(scene, 8)
+    owner = t["owner"].view(8, 8)
+    assert owner[1:3, 1:3].eq(1).all() and owner.sum() == 4
+    assert t["color"].view(8, 8)[1, 1] == 1 + list(COLORS).index("red")
+    assert t["kind"].view(8, 8)[2, 2] == 1 + SHAPES.index("square") and t["kind"].view(8, 8)[0, 0] == 0
+    # box [0.12, 0.12, 0.38, 0.38] in the padded square -> digits (1, 2) (1, 2) (3, 8) (3, 8)
+    assert scene.norm_box(scene.shapes[0]) == [0.12, 0.12, 0.38, 0.38]
+    assert t["tens"][9].tolist() == [1, 1, 3, 3] and t["units"][9].tolist() == [2, 2, 8, 8]
+    assert (t["tens"][0] == -100).all()  # no box where there is no shape
+    assert t["count"] == 1 and t["count_kind"].tolist() == [0, 1, 0, 0, 0]
+    assert t["present"].sum() == 1 and t["mask"][9].all()
+
+
+def test_vision_stage_learns(tmp_path):
+    """A few steps of the dense vision stage lower its loss on a fixed batch (it trains the tower itself)."""
+    from llavakit.demo.build import build_tokenizer, demo_config
+    from llavakit.demo.vision import SceneBatches, SceneProbe, probe_losses
+    from llavakit.models.llava import LlavaForConditionalGeneration
+
+    cfg = demo_config(build_tokenizer())
+    torch.manual_seed(0)
+    tower = LlavaForConditionalGeneration(cfg).vision_tower
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    probe = SceneProbe(tower, cfg.vision.hidden_size)
+    pixels, targets = next(iter(SceneBatches(cfg.image, cfg.vision.grid_size, 8, seed=0)))
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = sum(probe_losses(probe(pixels), targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
+    assert any(not torch.equal(before[k], v) for k, v in tower.state_dict().items())
+
+
+def test_exported_benchmark_scores_with_the_eval_commands(tmp_path):
+    """Exported questions + annotations work with `eval score`: the true answers score 100, wrong ones less."""
+    import json
+
+    from llavakit.demo.evaluate import export_benchmark
+    from llavakit.eval.scorers import score
+
+    counts = export_benchmark(tmp_path, n=12)
+    questions = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    assert counts["questions"] == len(questions) and counts["vqa"] > 0 and counts["pope"] > 0
+    assert all((tmp_path / "images" / q["image"]).is_file() for q in questions)
+    vqa = {r["question_id"]: r["answers"][0] for r in map(json.loads, (tmp_path / "vqa.jsonl").read_text().splitlines())}
+    pope = {r["question_id"]: r["label"] for r in map(json.loads, (tmp_path / "pope.jsonl").read_text().splitlines())}
+    truth = {**{q: a.capitalize() + "." for q, a in vqa.items()}, **{q: lab.capitalize() + "." for q, lab in pope.items()}}
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, t in truth.items()))
+    assert score("vqav2", answers, tmp_path / "vqa.jsonl")["score"] == pytest.approx(100)
+    assert score("pope", answers, tmp_path / "pope.jsonl")["score"] == pytest.approx(100)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text("".join(json.dumps({"question_id": q, "text": "Purple." if q in vqa else "No."}) + "\n"
+                             for q in truth))
+    assert score("vqav2", wrong, tmp_path / "vqa.jsonl")["score"] < 100
