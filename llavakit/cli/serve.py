@@ -15,6 +15,8 @@ EXAMPLE = """examples:
   llavakit serve --model DIR --host 0.0.0.0 --port 8000 --api-key "$KEY" --max-num-seqs 32
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "DIR", "messages": [{"role": "user", "content": "Hi"}]}'
+  llavakit serve --model llava-next-video-7b --video-frames 16 --max-video-seconds 120
+      (then send {"type": "video_url", "video_url": {"url": "https://.../clip.mp4"}} content parts)
 """
 
 MiB = 2**20
@@ -31,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--video-frames", type=int, metavar="N",
+                   help="frames sampled uniformly from each video (LLaVA-NeXT-Video checkpoints; default: the "
+                        "checkpoint's, else 32)")
     _add_engine_flags(p)
     _add_limit_flags(p)
 
@@ -58,11 +63,17 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
                    help="size cap per image (download or base64), in MiB")
     g.add_argument("--max-image-pixels", type=int, metavar="N", default=16_000_000, help="checked before decoding")
     g.add_argument("--max-image-aspect-ratio", type=float, default=100.0, metavar="R")
+    g.add_argument("--max-videos-per-request", type=int, metavar="N", default=1,
+                   help="video_url parts per chat request (LLaVA-NeXT-Video checkpoints; others refuse videos)")
+    g.add_argument("--max-video-mb", type=float, default=64, metavar="MiB",
+                   help="size cap per video (download or base64), in MiB; a data: URL is also under --max-body-mb")
+    g.add_argument("--max-video-seconds", type=float, default=600, metavar="S",
+                   help="longest video accepted, in seconds")
     g.add_argument("--fetch-timeout", type=float, default=20.0, metavar="S",
-                   help="seconds per image download, redirects included")
+                   help="seconds per image or video download, redirects included")
     g.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
     g.add_argument("--allowed-local-media-path", metavar="DIR",
-                   help="serve file:// image URLs from under DIR (default: file:// is refused)")
+                   help="serve file:// image and video URLs from under DIR (default: file:// is refused)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
                       model_name=args.served_model_name or str(args.model or "demo"),
                       max_body_bytes=int(args.max_body_mb * MiB), max_images_per_request=args.max_images_per_request,
                       max_image_pixels=args.max_image_pixels, max_image_aspect_ratio=args.max_image_aspect_ratio,
+                      max_videos_per_request=args.max_videos_per_request,
+                      max_video_bytes=int(args.max_video_mb * MiB), max_video_seconds=args.max_video_seconds,
                       max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, fetch=fetch)
     engine_cfg = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

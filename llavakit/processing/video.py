@@ -172,7 +172,8 @@ def _video_stream(container: Any, limits: VideoLimits, name: str) -> Any:
     if not container.streams.video:
         raise VideoError(f"{name} has no video stream (an audio-only or data file?); send a video file")
     stream = container.streams.video[0]
-    width, height = stream.codec_context.width, stream.codec_context.height
+    codec = stream.codec_context  # None when the header is cut short
+    width, height = (codec.width, codec.height) if codec is not None else (0, 0)
     if width and height:  # 0 x 0 when the header does not say; decoded frames are checked anyway
         _check_pixels(width, height, limits, name)
     duration = _duration_s(container, stream)

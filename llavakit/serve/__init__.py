@@ -5,7 +5,8 @@ Triton generate formats, on the continuous-batching engine.
     protocol.py   request and response bodies (pydantic)
     service.py    admission, preparation off the event loop, context check, generation, metrics
     images.py     client images: guarded fetch, header checks, decode
-    prompts.py    client text to prompt ids (typed "<image>" stays text)
+    videos.py     client videos (LLaVA-NeXT-Video): guarded fetch, duration/size/frame limits, frame sampling
+    prompts.py    client text to prompt ids (typed "<image>" and "<video>" stay text)
     openai_api.py, tgi_api.py, vllm_api.py, triton_api.py   the routes of each format
     streaming.py  SSE, first/final outputs, token text
     middleware.py API key and request-body limits;  errors.py  OpenAI-shaped errors

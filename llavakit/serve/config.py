@@ -22,7 +22,8 @@ def server_fetch_policy(max_image_bytes: int = 20 * 2**20, local_media_root: str
 
 @dataclass(slots=True)
 class ServeConfig:
-    """Server settings. Image bytes, timeouts, redirects and file:// access are in `fetch`."""
+    """Server settings. Image bytes, timeouts, redirects and file:// access are in `fetch`; videos are
+    fetched under the same policy with `max_video_bytes` as their byte cap."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -33,21 +34,26 @@ class ServeConfig:
     max_images_per_request: int = 4
     max_image_pixels: int = 16_000_000  # checked from the header, before decoding
     max_image_aspect_ratio: float = 100.0  # longer side / shorter side
+    max_videos_per_request: int = 1  # LLaVA-NeXT-Video checkpoints only; others refuse any video
+    max_video_bytes: int = 64 * 2**20  # per video, download or base64 (a data: URL is also under max_body_bytes)
+    max_video_seconds: float = 600.0  # the duration its header declares; decoded frames are capped as well
     max_queue: int = 256  # sequences that may wait beyond the running batch; more get 503
     retry_after: int = 2  # seconds, sent with 503
     shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
-    media_workers: int = 16  # threads that fetch and decode images, off the event loop
+    media_workers: int = 16  # threads that fetch and decode images and videos, off the event loop
     fetch: FetchPolicy = field(default_factory=server_fetch_policy)
 
     def __post_init__(self):
         positive = {"max_body_bytes": self.max_body_bytes, "body_timeout": self.body_timeout,
                     "max_image_pixels": self.max_image_pixels, "retry_after": self.retry_after,
-                    "media_workers": self.media_workers}
+                    "media_workers": self.media_workers, "max_video_bytes": self.max_video_bytes,
+                    "max_video_seconds": self.max_video_seconds}
         for name, value in positive.items():
-            if value <= 0:
+            if not value > 0:  # (NaN too)
                 raise ValueError(f"ServeConfig.{name} must be positive, got {value}")
-        if self.max_images_per_request < 0 or self.max_queue < 0 or self.shutdown_timeout < 0:
-            raise ValueError("ServeConfig.max_images_per_request, max_queue and shutdown_timeout must be >= 0")
+        if min(self.max_images_per_request, self.max_videos_per_request, self.max_queue, self.shutdown_timeout) < 0:
+            raise ValueError("ServeConfig.max_images_per_request, max_videos_per_request, max_queue and "
+                             "shutdown_timeout must be >= 0")
         if self.max_image_aspect_ratio < 1:
             raise ValueError(f"ServeConfig.max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
         if self.api_key is not None and not self.api_key:

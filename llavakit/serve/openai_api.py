@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: POST /v1/chat/completions (text and images, streaming, n, logprobs),
+"""OpenAI-compatible routes: POST /v1/chat/completions (text, images and videos, streaming, n, logprobs),
 POST /v1/completions (raw text), GET /v1/models."""
 
 from __future__ import annotations
@@ -89,10 +89,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     chat = chat_input(body.messages)
+    svc.check_videos(len(chat.videos), "messages")  # before admission and before any fetch
 
     def build():
         images = svc.load_images(chat.images, "messages")
-        return svc.encode(svc.encoder.render_chat(chat.messages), images), images
+        videos = svc.load_videos(chat.videos, "messages")
+        return svc.encode(svc.encoder.render_chat(chat.messages), images, videos), [*images, *videos]
 
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     run = await svc.start(request, body.n, build, body.max_completion_tokens or body.max_tokens,

@@ -66,7 +66,17 @@ class ImagePart(Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(Strict):
+    url: str = Field(min_length=1, description="https://..., http://... or data:video/mp4;base64,... "
+                                               "(LLaVA-NeXT-Video models only)")
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(Strict):

@@ -1,5 +1,5 @@
-"""The server's side of the engine, shared by every API format: admission (a bounded queue), image and
-prompt preparation off the event loop, the context-length check, sampling parameters, metrics, and
+"""The server's side of the engine, shared by every API format: admission (a bounded queue), image, video
+and prompt preparation off the event loop, the context-length check, sampling parameters, metrics, and
 aborting a request whose client went away.
 
 A request's life: `admit` (or 503) -> `prepare` on a worker thread (fetch, decode, tokenize) ->
@@ -23,13 +23,14 @@ from llavakit.config import EngineConfig
 from llavakit.engine.async_engine import AsyncLLMEngine
 from llavakit.engine.llm_engine import LLMEngine, RequestOutput
 from llavakit.pipeline import Pipeline
-from llavakit.processing.prompt import PreparedImage
+from llavakit.processing.prompt import Media, PreparedImage, PreparedVideo
 from llavakit.sampling import SamplingParams
 from llavakit.serve.config import ServeConfig
 from llavakit.serve.errors import APIError, bad_request, overloaded
 from llavakit.serve.images import ImageLimits, prepare_images
 from llavakit.serve.metrics import ServerMetrics
 from llavakit.serve.prompts import PromptEncoder
+from llavakit.serve.videos import VideoSettings, prepare_videos
 
 T = TypeVar("T")
 
@@ -82,6 +83,7 @@ class Service:
         self.processor = pipe.processor
         self.encoder = PromptEncoder(pipe.processor)
         self.image_limits = ImageLimits(cfg.fetch, cfg.max_image_pixels, cfg.max_image_aspect_ratio)
+        self.video_settings = VideoSettings.of(cfg.fetch, cfg.max_video_bytes, cfg.max_video_seconds)
         self.max_seq_len = self.llm.scheduler.max_seq_len
         self.capacity = self.llm.scheduler.max_running + cfg.max_queue
         self.created = int(time.time())
@@ -116,7 +118,7 @@ class Service:
     # --- preparation -------------------------------------------------------------------------------------
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn on a media worker thread: image fetches and tokenization never block the event loop."""
+        """Run fn on a media worker thread: media fetches, decoding and tokenization never block the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def load_images(self, sources: list[str], param: str) -> list[PreparedImage]:
@@ -125,14 +127,28 @@ class Service:
                               "are allowed per request", param, "too_many_images")
         return prepare_images(sources, self.processor, self.image_limits, param)
 
-    def encode(self, text: str, images: list[PreparedImage]) -> list[int]:
+    def check_videos(self, count: int, param: str) -> None:
+        """Refuse, before admission and before any fetch, videos this model cannot take or too many of them."""
+        if count and not self.processor.cfg.supports_video:
+            raise bad_request(f"the request has {count} video(s) but the model {self.cfg.model_name!r} "
+                              f"({self.processor.cfg.model_type}) takes no videos; send images, or serve a "
+                              "LLaVA-NeXT-Video (llava_next_video) checkpoint", param, "invalid_request")
+        if count > self.cfg.max_videos_per_request:
+            raise bad_request(f"the request has {count} videos; at most {self.cfg.max_videos_per_request} "
+                              "are allowed per request", param, "too_many_videos")
+
+    def load_videos(self, sources: list[str], param: str) -> list[PreparedVideo]:
+        self.check_videos(len(sources), param)
+        return prepare_videos(sources, self.processor, self.video_settings, param)
+
+    def encode(self, text: str, images: list[PreparedImage], videos: list[PreparedVideo] = ()) -> list[int]:
         """Prompt ids; refuses without tokenizing a text that cannot fit the context in any case (a token
         holds at most max_token_chars characters; the factor 4 leaves room for normalizers that merge
         characters), so a body of megabytes of text costs no tokenizer time."""
         if len(text) > 4 * self.max_seq_len * self.encoder.max_token_chars:
             raise context_exceeded(f"The prompt is {len(text)} characters, more than this model's context of "
                                    f"{self.max_seq_len} tokens can hold.")
-        return self.encoder.encode(text, images)
+        return self.encoder.encode(text, images, videos)
 
     def sampling(self, prompt_len: int, max_tokens: int | None, **kw: Any) -> SamplingParams:
         """SamplingParams with max_tokens defaulting to the rest of the context; 400 when the prompt plus
@@ -154,27 +170,31 @@ class Service:
 
     # --- generation --------------------------------------------------------------------------------------
 
-    async def start(self, request: Request, n: int, build: Callable[[], tuple[list[int], list[PreparedImage]]],
+    async def start(self, request: Request, n: int, build: Callable[[], tuple[list[int], list[Media]]],
                     max_tokens: int | None, sampling: dict[str, Any]) -> Run:
-        """Admit a request of n sequences, build its prompt ids and images on a worker thread, check them
-        against the context and queue it in the engine. The Run's stream owns the admission from then on."""
+        """Admit a request of n sequences, build its prompt ids and media (images and videos) on a worker
+        thread, check them against the context and queue it in the engine. The Run's stream owns the
+        admission from then on."""
         arrived = time.monotonic()
         ticket = self.admit(n)
         try:
-            ids, images = await self.until_disconnect(request, self.run_blocking(build))
+            ids, media = await self.until_disconnect(request, self.run_blocking(build))
             params = self.sampling(len(ids), max_tokens, n=n, **sampling)
-            return Run(self.generate(ids, images, params, ticket, arrived), ids, params, ticket)
+            return Run(self.generate(ids, media, params, ticket, arrived), ids, params, ticket)
         except BaseException:
             ticket.release()
             raise
 
-    async def generate(self, ids: list[int], images: list[PreparedImage], params: SamplingParams, ticket: Ticket,
+    async def generate(self, ids: list[int], media: list[Media], params: SamplingParams, ticket: Ticket,
                        arrived: float) -> AsyncIterator[RequestOutput]:
         """Engine snapshots of one request; the ticket is released and the request aborted (if unfinished)
         when this generator ends in any way. The engine refuses a request with ValueError (a 400 here) and
         fails a step with RuntimeError (a 500 that says nothing of the cause)."""
         request_id = f"req-{uuid.uuid4().hex}"
-        stream = self.engine.generate({"prompt_token_ids": ids, "images": images}, params, request_id)
+        images = [m for m in media if isinstance(m, PreparedImage)]  # each kind in prompt order; the engine
+        videos = [m for m in media if isinstance(m, PreparedVideo)]  # finds their runs in the ids
+        stream = self.engine.generate({"prompt_token_ids": ids, "images": images, "videos": videos}, params,
+                                      request_id)
         self.metrics.prompt_tokens.inc(len(ids))
         generated, outcome = 0, "abandoned"
         try:

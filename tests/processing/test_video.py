@@ -124,6 +124,12 @@ def test_zero_decodable_frames(tmp_path):
             CFG)
 
 
+def test_a_header_cut_short_is_a_clear_error(tmp_path):
+    data = write_video(tmp_path / "fast.mp4", level_frames(20), options={"movflags": "faststart"}).read_bytes()
+    with pytest.raises(VideoError):
+        load_video(data[:400], CFG)
+
+
 def test_huge_resolution(tmp_path):
     path = write_video(tmp_path / "big.mp4", noise_frames(2, 64, 48))
     _raises(r"is 64x48 = 3072 pixels a frame, over the 3000-pixel limit.*VideoLimits.max_pixels", str(path), CFG,
