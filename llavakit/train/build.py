@@ -90,7 +90,7 @@ def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
     """Parameter-name prefixes a stage trains (LoRA adds its adapters on top)."""
     if cfg.stage == "pretrain":
         return ("projector.",)
-    prefixes = ("projector.", "image_newline")
+    prefixes = () if cfg.freeze_mm_mlp_adapter else ("projector.", "image_newline")
     if cfg.stage == "finetune":
         prefixes += ("language_model.", "lm_head.")
     if cfg.unfreeze_vision:

@@ -44,6 +44,7 @@ class TrainConfig:
     bf16: bool = False
     gradient_checkpointing: bool = False
     unfreeze_vision: bool = False  # alias unfreeze_mm_vision_tower
+    freeze_mm_mlp_adapter: bool = False  # the original's flag: the projector keeps its weights
     lora_r: int = 128
     lora_alpha: int = 256
     lora_dropout: float = 0.05

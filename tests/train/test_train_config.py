@@ -53,3 +53,12 @@ def test_bad_file(tmp_path):
         make_config(f)
     with pytest.raises(ValueError, match="does not exist"):
         make_config(tmp_path / "none.yaml")
+
+
+def test_freeze_mm_mlp_adapter_keeps_the_projector_out_of_training():
+    from llavakit.train.build import trainable_prefixes
+
+    base = dict(model="m", data_path="d.json", output_dir="o", stage="finetune")
+    assert "projector." in trainable_prefixes(make_config(**base))
+    frozen = trainable_prefixes(make_config(**base, freeze_mm_mlp_adapter=True))
+    assert "projector." not in frozen and "language_model." in frozen
