@@ -102,16 +102,16 @@ def sincos_positions(grid: int, dim: int) -> torch.Tensor:
 def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None, vision_steps: int = 0,
                              log=print) -> Path:
     """The demo model in llava-hf layout, with its tokenizer, that the language stages train from:
-    randomly initialised, then (vision_steps > 0) its tower trained on dense scene targets."""
+    randomly initialised, then (vision_steps > 0) its tower and projector trained on dense scene targets."""
     tokenizer = build_tokenizer(seed=seed)
     cfg = demo_config(tokenizer, feature_layers)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     init_weights(model)
     if vision_steps > 0:
-        from llavakit.demo.vision import pretrain_tower
+        from llavakit.demo.vision import pretrain_vision
 
-        pretrain_tower(model.vision_tower, cfg.vision, cfg.image, steps=vision_steps, seed=seed, log=log)
+        pretrain_vision(model, steps=vision_steps, seed=seed, log=log)
     # The tower's final layer norm is never run (features come from the last layer's output), but
     # transformers expects it in the file.
     d = cfg.vision.hidden_size

@@ -3,10 +3,10 @@ and (optionally) installs it into the package.
 
 Stage 0 (demo/vision.py) trains the CLIP-architecture tower alone on dense targets read off the
 generator (per patch: colour, kind, outline, box digits; per scene: counts and which shapes are present),
-with linear heads that are then dropped. Without it the decoder learnt only the language prior: through
+through the projector, with linear heads that are then dropped. Without it the decoder learnt only the language prior: through
 the language loss alone a from-scratch tower gets too weak a signal, and a frozen random tower gave
-colours but never shapes. Stages 1 and 2 are llavakit's own trainer (`stage="finetune"`, tower frozen,
-projector and decoder trained) on conversations: stage 1 on scenes of one shape (captions, colours,
+colours but never shapes. Stages 1 and 2 are llavakit's own trainer (`stage="finetune"`, tower and
+projector frozen, decoder trained) on conversations: stage 1 on scenes of one shape (captions, colours,
 shapes, counts, yes/no, boxes), stage 2 on scenes of up to four shapes with spatial relations and
 follow-up turns.
 """
@@ -29,28 +29,21 @@ from llavakit.weights.save import save_llava_hf
 PACKAGED = Path(__file__).parent / "model"
 STAGE1_KINDS = (["caption", "color", "shape", "count", "exists", "where"], [1, 2, 2, 1, 2, 2])
 STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per scene at most)
-    ("stage1", 350, 1e-3, STAGE1_KINDS, 1),
-    ("stage2", 850, 6e-4, None, 4),
+    ("stage1", 250, 1e-3, STAGE1_KINDS, 1),
+    ("stage2", 650, 6e-4, None, 4),
+    ("stage3", 400, 4e-4, None, 4),  # more of the same: reading colours is learnt last
 ]
 BATCH = 32
-VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
+VISION_STEPS = 2500  # stage 0, the tower alone on dense scene targets (demo/vision.py)
 
 
 def train_demo(workdir: Path, scale: float = 1.0, seed: int = 0, eval_scenes: int = 500,
                install: bool = False) -> tuple[Path, Report | None]:
-    """Build data, train both stages, grade; returns the final checkpoint and the report."""
+    """Build data, train every stage, grade; returns the final checkpoint and the report."""
     workdir = Path(workdir)
     model = write_initial_checkpoint(workdir / "init", seed=seed, vision_steps=max(2, round(VISION_STEPS * scale)))
-    for k, (name, steps, lr, kinds, max_shapes) in enumerate(STAGES):
-        n_steps = max(2, round(steps * scale))
-        data = write_dataset(workdir / f"{name}-data", n_steps * BATCH, seed=seed * 100 + k + 1, turns=(3, 6),
-                             kinds=kinds[0] if kinds else None, weights=kinds[1] if kinds else None,
-                             max_shapes=max_shapes)
-        train(make_config(model=str(model), data_path=str(data), image_folder=str(data.parent),
-                          output_dir=str(workdir / name), stage="finetune", unfreeze_vision=False,
-                          per_device_train_batch_size=BATCH, max_steps=n_steps, learning_rate=lr,
-                          warmup_ratio=0.03, weight_decay=0.0, save_steps=10**9, seed=seed, model_max_length=512))
-        model = workdir / name / "final"
+    for k in range(len(STAGES)):
+        model = run_stage(workdir, k, model, scale=scale, seed=seed)
     report = None
     if eval_scenes:
         report = evaluate(llavakit.load(model, dtype="float32", device="cpu"), n=eval_scenes)
@@ -59,6 +52,21 @@ def train_demo(workdir: Path, scale: float = 1.0, seed: int = 0, eval_scenes: in
     if install:
         install_model(model, PACKAGED)
     return model, report
+
+
+def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int = 0) -> Path:
+    """Language stage k of STAGES from checkpoint `model`: write its data, train; returns its final model."""
+    name, steps, lr, kinds, max_shapes = STAGES[k]
+    n_steps = max(2, round(steps * scale))
+    data = write_dataset(workdir / f"{name}-data", n_steps * BATCH, seed=seed * 100 + k + 1, turns=(3, 6),
+                         kinds=kinds[0] if kinds else None, weights=kinds[1] if kinds else None,
+                         max_shapes=max_shapes)
+    train(make_config(model=str(model), data_path=str(data), image_folder=str(data.parent),
+                      output_dir=str(workdir / name), stage="finetune", unfreeze_vision=False,
+                      freeze_mm_mlp_adapter=True, per_device_train_batch_size=BATCH, max_steps=n_steps,
+                      learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, save_steps=10**9, seed=seed,
+                      model_max_length=512))
+    return workdir / name / "final"
 
 
 def install_model(checkpoint: Path, target: Path = PACKAGED) -> Path:

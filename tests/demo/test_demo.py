@@ -142,9 +142,10 @@ def test_vision_stage_learns(tmp_path):
 
     cfg = demo_config(build_tokenizer())
     torch.manual_seed(0)
-    tower = LlavaForConditionalGeneration(cfg).vision_tower
+    model = LlavaForConditionalGeneration(cfg)
+    tower = model.vision_tower
     before = {k: v.clone() for k, v in tower.state_dict().items()}
-    probe = SceneProbe(tower, cfg.vision.hidden_size)
+    probe = SceneProbe(tower, model.projector, cfg.text.hidden_size)
     pixels, targets = next(iter(SceneBatches(cfg.image, cfg.vision.grid_size, 8, seed=0)))
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
     losses = []
