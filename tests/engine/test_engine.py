@@ -9,6 +9,7 @@ import pytest
 import torch
 from checkpoints import PINPOINTS, build_hf_model, processor_config, text_config_dict, write_hf_checkpoint
 from conftest import noise_image
+from engine_runs import run
 from parity import hf_processor
 
 import llavakit
@@ -37,18 +38,6 @@ def requests():
     reqs.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                               {"role": "user", "content": "Which one?"}], "images": [IMAGES[0]]})
     return reqs
-
-
-def run(engine: LLMEngine, reqs, params):
-    params = params if isinstance(params, list) else [params] * len(reqs)
-    for i, (r, p) in enumerate(zip(reqs, params)):
-        engine.add_request(f"r{i}", r, p)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"r{i}"] for i in range(len(reqs))]
 
 
 def reference(pipe, req, **kw):

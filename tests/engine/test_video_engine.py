@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import noise_image
+from engine_runs import run
 from videos import next_video_checkpoint, noise_frames, write_video
 
 import llavakit
@@ -32,18 +33,6 @@ def requests(videos):
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                       {"role": "user", "content": "And now?"}], "videos": [videos[0]]},
     ]
-
-
-def run(engine: LLMEngine, reqs, params):
-    params = params if isinstance(params, list) else [params] * len(reqs)
-    for i, (r, p) in enumerate(zip(reqs, params)):
-        engine.add_request(f"r{i}", r, p)
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"r{i}"] for i in range(len(reqs))]
 
 
 def reference(pipe, req, **kw):
