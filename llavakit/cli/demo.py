@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "the built-in demo model: train it (about 30 min on 2 CPU cores) or evaluate it"
+HELP = "the built-in demo model: train it (about an hour on 2 CPU cores) or evaluate it"
 EXAMPLE = """examples:
   llavakit demo eval                           # grade the shipped demo model on 500 held-out scenes
-  llavakit demo train --workdir /tmp/demo      # the whole recipe: data, two training stages, evaluation
+  llavakit demo train --workdir /tmp/demo      # the whole recipe: vision stage, language stages, evaluation
   llavakit demo train --workdir /tmp/demo --install   # ... and make the result the built-in model
   llavakit demo scene --seed 3 --out scene.png # draw one synthetic scene
   llavakit demo export --out demo-bench -n 200 # held-out scenes as a benchmark for predict + eval score

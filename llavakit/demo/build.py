@@ -54,6 +54,7 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=alphabet,
                                   show_progress=False)
     tok.train_from_iterator(_corpus(random.Random(seed)), trainer)
+    tok.add_tokens(["[INST]", "[/INST]"])  # the chat format's markers, one token each
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",

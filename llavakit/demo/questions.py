@@ -124,7 +124,7 @@ def follow_up(rng: random.Random, scene: Scene, about: Shape) -> QA:
 
 
 KINDS = ["caption", "color", "shape", "count", "exists", "where", "relation"]
-WEIGHTS = [1, 2, 2, 2, 2, 3, 1]
+WEIGHTS = [1, 2, 2, 2, 2, 3, 2]
 
 
 def conversation(rng: random.Random, scene: Scene, turns: int, kinds: list[str] = KINDS,

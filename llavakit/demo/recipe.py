@@ -1,14 +1,12 @@
-"""`llavakit demo train`: the recipe that makes the built-in demo model, in three stages, then grades it
-and (optionally) installs it into the package.
+"""`llavakit demo train`: the recipe that makes the built-in demo model, then grades it and (optionally)
+installs it into the package.
 
 Stage 0 (demo/vision.py) trains the CLIP-architecture tower alone on dense targets read off the
-generator (per patch: colour, kind, outline, box digits; per scene: counts and which shapes are present),
-through the projector, with linear heads that are then dropped. Without it the decoder learnt only the language prior: through
-the language loss alone a from-scratch tower gets too weak a signal, and a frozen random tower gave
-colours but never shapes. Stages 1 and 2 are llavakit's own trainer (`stage="finetune"`, tower and
-projector frozen, decoder trained) on conversations: stage 1 on scenes of one shape (captions, colours,
-shapes, counts, yes/no, boxes), stage 2 on scenes of up to four shapes with spatial relations and
-follow-up turns.
+generator (per patch: colour, kind, outline, box digits; per scene: counts, which shapes are present and
+which colour each kind has), through the projector, with linear heads that are then dropped. Without it
+the decoder learnt only the language prior: through the language loss alone a from-scratch tower gets too
+weak a signal. The language stages are llavakit's own trainer (`stage="finetune"`, tower and projector
+frozen, decoder trained) on conversations, from scenes of one shape to scenes of up to four (STAGES).
 """
 
 from __future__ import annotations
@@ -29,9 +27,9 @@ from llavakit.weights.save import save_llava_hf
 PACKAGED = Path(__file__).parent / "model"
 STAGE1_KINDS = (["caption", "color", "shape", "count", "exists", "where"], [1, 2, 2, 1, 2, 2])
 STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per scene at most)
-    ("stage1", 250, 1e-3, STAGE1_KINDS, 1),
-    ("stage2", 650, 6e-4, None, 4),
-    ("stage3", 400, 4e-4, None, 4),  # more of the same: reading colours is learnt last
+    ("stage1", 200, 1e-3, STAGE1_KINDS, 1),  # one shape: what to read, without telling shapes apart
+    ("stage2", 300, 1e-3, None, 2),  # two: which shape a question is about (binding), relations
+    ("stage3", 700, 8e-4, None, 4),  # up to four, everything
 ]
 BATCH = 32
 VISION_STEPS = 2500  # stage 0, the tower alone on dense scene targets (demo/vision.py)
@@ -58,7 +56,7 @@ def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int 
     """Language stage k of STAGES from checkpoint `model`: write its data, train; returns its final model."""
     name, steps, lr, kinds, max_shapes = STAGES[k]
     n_steps = max(2, round(steps * scale))
-    data = write_dataset(workdir / f"{name}-data", n_steps * BATCH, seed=seed * 100 + k + 1, turns=(3, 6),
+    data = write_dataset(workdir / f"{name}-data", n_steps * BATCH, seed=seed * 100 + k + 1, turns=(4, 8),
                          kinds=kinds[0] if kinds else None, weights=kinds[1] if kinds else None,
                          max_shapes=max_shapes)
     train(make_config(model=str(model), data_path=str(data), image_folder=str(data.parent),

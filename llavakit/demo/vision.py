@@ -42,7 +42,8 @@ COVER = 0.12  # a patch belongs to a shape when the shape covers at least this f
 # Head sizes, in the order of the output columns.
 HEADS = {"color": 1 + len(COLOR_NAMES), "kind": 1 + len(SHAPES), "mask": 16, "tens": 4 * 11, "units": 4 * 10,
          "count": MAX_SHAPES + 2, "count_kind": len(SHAPES) * (MAX_SHAPES + 2),
-         "present": len(COLOR_NAMES) * len(SHAPES)}
+         "present": len(COLOR_NAMES) * len(SHAPES), "color_of_kind": len(SHAPES) * (1 + len(COLOR_NAMES)),
+         "kind_of_color": len(COLOR_NAMES) * (1 + len(SHAPES))}
 
 
 def owner_map(scene: Scene, grid: int, sub: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +83,19 @@ def scene_targets(scene: Scene, grid: int) -> dict[str, torch.Tensor]:
     present = np.zeros(len(COLOR_NAMES) * len(SHAPES), np.float32)
     for s in scene.shapes:
         present[COLOR_NAMES.index(s.color) * len(SHAPES) + SHAPES.index(s.kind)] = 1
+    # Binding, broadcast to every patch: the colour of each kind and the kind of each colour (0: none,
+    # -100: two shapes share it, so the question is never asked).
+    color_of_kind = np.zeros(len(SHAPES), np.int64)
+    kind_of_color = np.zeros(len(COLOR_NAMES), np.int64)
+    for s in scene.shapes:
+        k, c = SHAPES.index(s.kind), COLOR_NAMES.index(s.color)
+        color_of_kind[k] = -100 if color_of_kind[k] else c + 1
+        kind_of_color[c] = -100 if kind_of_color[c] else k + 1
     return {"owner": torch.from_numpy(owner.astype(np.int64)), "color": torch.from_numpy(color), "mask": torch.from_numpy(mask), "kind": torch.from_numpy(kind), "tens": torch.from_numpy(tens),
             "units": torch.from_numpy(units), "count": torch.tensor(len(scene.shapes)),
             "count_kind": torch.tensor([sum(s.kind == k for s in scene.shapes) for k in SHAPES]),
-            "present": torch.from_numpy(present)}
+            "present": torch.from_numpy(present), "color_of_kind": torch.from_numpy(color_of_kind),
+            "kind_of_color": torch.from_numpy(kind_of_color)}
 
 
 class SceneBatches(torch.utils.data.IterableDataset):
@@ -136,7 +146,11 @@ def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> di
         "units": 0.5 * ce(out["units"], t["units"], 10),
         "count": ce(out["count"], per_patch(t["count"]), HEADS["count"]),
         "count_kind": ce(out["count_kind"], per_patch(t["count_kind"]), MAX_SHAPES + 2),
-        "present": F.binary_cross_entropy_with_logits(out["present"], per_patch(t["present"])),
+        # Few of the 45 pairs are present in a scene: weighted so that "nothing is there" does not win.
+        "present": F.binary_cross_entropy_with_logits(out["present"], per_patch(t["present"]),
+                                                      pos_weight=torch.tensor(8.0)),
+        "color_of_kind": ce(out["color_of_kind"], per_patch(t["color_of_kind"]), 1 + len(COLOR_NAMES)),
+        "kind_of_color": ce(out["kind_of_color"], per_patch(t["kind_of_color"]), 1 + len(SHAPES)),
     }
 
 
@@ -152,6 +166,8 @@ class ProbeAccuracy:
     count: float
     count_kind: float
     present: float
+    color_of_kind: float  # over the kinds in the scene
+    kind_of_color: float  # over the colours in the scene
     confusion: list[list[int]] | None = None  # shape kinds: rows true, columns predicted
 
     def __str__(self) -> str:
@@ -177,9 +193,18 @@ def probe_accuracy(probe: SceneProbe, pixels: torch.Tensor, t: dict[str, torch.T
         count=mean(out["count"].mean(1).argmax(-1) == t["count"]),
         count_kind=mean(out["count_kind"].mean(1).unflatten(-1, (len(SHAPES), -1)).argmax(-1) == t["count_kind"]),
         present=mean((out["present"].mean(1) > 0) == (t["present"] > 0.5)),
+        color_of_kind=_slot_accuracy(out["color_of_kind"], t["color_of_kind"], len(SHAPES)),
+        kind_of_color=_slot_accuracy(out["kind_of_color"], t["kind_of_color"], len(COLOR_NAMES)),
         confusion=torch.zeros(HEADS["kind"], HEADS["kind"], dtype=torch.long).index_put_(
             (truth[:, 1:][has], kind_logits[:, 1:].argmax(-1)[has]), torch.tensor(1), accumulate=True)[1:, 1:].tolist(),
     )
+
+
+def _slot_accuracy(logits: torch.Tensor, target: torch.Tensor, slots: int) -> float:
+    """Scene-level slot classification read off the mean over patches, over slots that hold something."""
+    pred = logits.mean(1).unflatten(-1, (slots, -1)).argmax(-1)
+    on = target > 0
+    return float((pred[on] == target[on]).float().mean())
 
 
 def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int = 32, lr: float = 1e-3,
