@@ -10,8 +10,9 @@ decodable:
 - the colour and kind of the shape covering the patch (or none),
 - that shape's box in the padded square, as the two digits of each coordinate ("0.23" -> 2, 3), the
   digits the model writes when asked where something is,
-- facts about the whole scene broadcast to every patch: how many shapes, how many of each kind, and which
-  (colour, kind) pairs are present.
+- facts about the whole scene broadcast to every patch: how many shapes, how many of each kind, which
+  (colour, kind) pairs are present, the colour of each kind and the kind of each colour (binding: the
+  decoder reads scene-wide facts well, but learns slowly to pick one shape out of several itself).
 
 The heads are thrown away afterwards; only the tower's and projector's weights go into the LLaVA checkpoint,
 which stays a plain llava-hf checkpoint.
