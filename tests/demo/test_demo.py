@@ -86,11 +86,10 @@ def _drawing(width, height, shapes, background=(236, 236, 236)):
 
 
 @shipped
-def test_demo_answers_the_readme_example():
+def test_demo_answers_the_readme_example(demo):
     """The answers the README shows for its first command, on the README's picture (drawn outside the
     generator: 480x320, near-white background)."""
     example = Image.open(Path(__file__).parents[2] / "examples" / "images" / "shapes.png")
-    demo = llavakit.load("demo", dtype="float32", device="cpu")
     assert demo.generate("What color is the circle?", images=[example]).text.strip() == "Red."
     assert demo.generate("How many shapes are there?", images=[example]).text.strip() == "Two."
 
