@@ -63,8 +63,8 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     return fast
 
 
-def demo_config(tokenizer, feature_layers=None, image_size: int = 96, patch_size: int = 12) -> LlavaConfig:
-    """~6M parameters: a 4-layer CLIP-style tower on 96-pixel images (64 patches), a 4-layer decoder."""
+def demo_config(tokenizer, feature_layers=None, image_size: int = 160, patch_size: int = 20) -> LlavaConfig:
+    """~6M parameters: a 4-layer CLIP-style tower on 160-pixel images (64 patches of 20), a 4-layer decoder."""
     vision = VisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                           image_size=image_size, patch_size=patch_size)
     text = TextConfig(vocab_size=math.ceil(len(tokenizer) / 64) * 64, hidden_size=256, intermediate_size=704,
@@ -86,7 +86,7 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
     nn.init.normal_(model.vision_tower.embeddings.class_embedding, std=std)
     emb = model.vision_tower.embeddings.position_embedding.weight
     with torch.no_grad():  # 2-D sin-cos positions: attention can use where a patch is from the first step
-        emb[1:] = 0.5 * sincos_positions(int(math.isqrt(emb.shape[0] - 1)), emb.shape[1])
+        emb[1:] = 0.5 * sincos_positions(math.isqrt(emb.shape[0] - 1), emb.shape[1])
         emb[0] = 0
 
 

@@ -93,7 +93,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, i
 
 
 def _contrast_ok(color: tuple[int, int, int], background) -> bool:
-    lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]  # noqa: E731
+    lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
     return all(abs(lum(color) - lum(b)) > 45 or sum(abs(x - y) for x, y in zip(color, b)) > 150 for b in background)
 
 
@@ -115,10 +115,10 @@ def random_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
 
 def _random_shape(rng: random.Random, w: int, h: int, colors: list[str]) -> Shape:
     kind = rng.choice(SHAPES)
-    size = rng.randint(int(0.2 * min(w, h)), int(0.42 * min(w, h)))
+    size = rng.randint(int(0.24 * min(w, h)), int(0.44 * min(w, h)))
     bw, bh = size, size
     if kind == "rectangle":
-        long, short = size, max(8, int(size / rng.uniform(1.7, 2.3)))
+        long, short = size, max(8, int(size / rng.uniform(1.9, 2.5)))
         bw, bh = (long, short) if rng.random() < 0.5 else (short, long)
     x, y = rng.randint(2, w - bw - 2), rng.randint(2, h - bh - 2)
     return Shape(kind, rng.choice(colors), (x, y, x + bw, y + bh))

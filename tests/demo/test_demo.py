@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 import llavakit
 from llavakit.demo.evaluate import correct, iou, parse_box
-from llavakit.demo.questions import QA, PHRASES, conversation
+from llavakit.demo.questions import PHRASES, QA, conversation
 from llavakit.demo.scenes import COLORS, SHAPES, draw_shape, random_scene
 from llavakit.processing.image import expand2square
 from llavakit.weights.hub import DEMO_MODEL
@@ -146,21 +146,31 @@ def test_vision_stage_targets_follow_the_drawing():
     assert (t["tens"][0] == -100).all()  # no box where there is no shape
     assert t["count"] == 1 and t["count_kind"].tolist() == [0, 1, 0, 0, 0]
     assert t["present"].sum() == 1 and t["mask"][9].all()
-    red = 1 + list(COLORS).index("red")
-    assert t["color_of_kind"].tolist() == [0, red, 0, 0, 0]  # the square is red, no other kind is there
-    assert t["kind_of_color"][red - 1] == 1 + SHAPES.index("square") and t["kind_of_color"].sum() == 2
+    assert t["aspect"][9] == 1 and t["aspect"][0] == -100  # a square is even; no aspect off shapes
 
 
-def test_binding_targets_leave_out_what_two_shapes_share():
+def test_factor_code_writes_out_each_patch_facts():
+    """The code a patch's feature regresses onto is the weighted sum of its facts' vectors: the same on
+    every patch of a shape, different between shapes that differ in one fact, the scene part everywhere."""
     from llavakit.demo.scenes import Scene, Shape
-    from llavakit.demo.vision import scene_targets
+    from llavakit.demo.vision import FactorCode, scene_targets
 
-    shapes = (Shape("circle", "red", (5, 5, 35, 35)), Shape("circle", "blue", (60, 5, 90, 35)),
-              Shape("star", "red", (5, 60, 35, 90)))
-    t = scene_targets(Scene(120, 120, ((235, 225, 200),) * 2, shapes), 8)
-    circle, star, red, blue = SHAPES.index("circle"), SHAPES.index("star"), *(list(COLORS).index(c) for c in ("red", "blue"))
-    assert t["color_of_kind"][circle] == -100 and t["color_of_kind"][star] == 1 + red  # two circles: never asked
-    assert t["kind_of_color"][red] == -100 and t["kind_of_color"][blue] == 1 + circle
+    shapes = (Shape("rectangle", "red", (10, 10, 70, 40)), Shape("circle", "red", (80, 60, 110, 90)))
+    t = {k: v[None] for k, v in scene_targets(Scene(120, 120, ((235, 225, 200),) * 2, shapes), 8).items()}
+    code = FactorCode(32)
+    c = code(t)[0]  # (64, 32)
+    owner = t["owner"][0]
+    rect, circ, bg = (owner == 1).nonzero()[:, 0], (owner == 2).nonzero()[:, 0], (owner == 0).nonzero()[:, 0]
+    assert len(rect) >= 2 and len(circ) >= 2
+    assert torch.allclose(c[rect[0]], c[rect[1]]) and torch.allclose(c[bg[0]], c[bg[-1]])
+    w = FactorCode.WEIGHTS
+    kinds = w["kind"] * (code.kind[1 + SHAPES.index("rectangle")] - code.kind[1 + SHAPES.index("circle")])
+    digits = sum(w[n] * (code_table[j][t[n][0, rect[0], j]] - code_table[j][t[n][0, circ[0], j]])
+                 for n, code_table in (("tens", code.tens), ("units", code.units)) for j in range(4))
+    assert torch.allclose(c[rect[0]] - c[circ[0]], kinds + digits, atol=1e-5)  # same colour: it cancels
+    scene = c[bg[0]] - w["color"] * code.color[0] - w["kind"] * code.kind[0]
+    assert torch.allclose(scene, w["scene"] * (code.count[2] + code.present[t["present"][0] > 0].sum(0)
+                                               + sum(code.count_kind[k][t["count_kind"][0, k]] for k in range(len(SHAPES)))), atol=1e-5)
 
 
 def test_vision_stage_learns(tmp_path):
@@ -179,7 +189,7 @@ def test_vision_stage_learns(tmp_path):
     opt = torch.optim.AdamW(probe.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):
-        loss = sum(probe_losses(probe(pixels), targets).values())
+        loss = sum(probe_losses(probe(pixels), targets, probe.code).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
