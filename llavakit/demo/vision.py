@@ -18,7 +18,7 @@ Besides the heads, the projected features regress onto a *factor code* (FactorCo
 fixed random vector, summed. Linear heads only ask that a fact be decodable; the code asks that it be a
 large, clean direction, which is what lets the decoder's attention pick the shape a question names out of
 several (with the code itself as features the decoder learns that in ~200 steps, with head-trained
-features it had not in 1,000; demo/README).
+features it had not in 1,000; README, "The demo model").
 
 The heads are thrown away afterwards; only the tower's and projector's weights go into the LLaVA checkpoint,
 which stays a plain llava-hf checkpoint.
