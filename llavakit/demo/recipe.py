@@ -4,10 +4,10 @@ installs it into the package.
 Stage 0 (demo/vision.py) trains the CLIP-architecture tower alone on dense targets read off the
 generator (per patch: colour, kind, aspect, outline, box digits; per scene: counts and which shapes are
 present), through the projector, with linear heads that are then dropped and a regression of the
-features onto a fixed code of those facts. Without it
-the decoder learnt only the language prior: through the language loss alone a from-scratch tower gets too
-weak a signal. The language stages are llavakit's own trainer (`stage="finetune"`, tower and projector
-frozen, decoder trained; the projector too in the last stage) on conversations, from scenes of one shape to scenes of up to four (STAGES).
+features onto a fixed code of those facts. Without it the decoder learnt only the language prior:
+through the language loss alone a from-scratch tower gets too weak a signal. The language stages are
+llavakit's own trainer (`stage="finetune"`, tower frozen, decoder trained, the projector too in the last
+stage) on conversations, from scenes of one shape to scenes of up to four (STAGES).
 """
 
 from __future__ import annotations

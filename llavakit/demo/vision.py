@@ -176,7 +176,7 @@ def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], code:
     """One loss per head (the scene-level heads are trained on every patch: the fact is broadcast) and the
     regression onto the factor code, as the share of the code's variance left unexplained."""
     p = out["color"].shape[1]
-    target = code(t)
+    wanted = code(t)
     ce = lambda logits, target, k: F.cross_entropy(logits.reshape(-1, k), target.reshape(-1))
     per_patch = lambda v: v[:, None].expand(-1, p, *v.shape[1:])
     return {
@@ -194,7 +194,7 @@ def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], code:
         # Few of the 45 pairs are present in a scene: weighted so that "nothing is there" does not win.
         "present": F.binary_cross_entropy_with_logits(out["present"], per_patch(t["present"]),
                                                       pos_weight=torch.tensor(8.0)),
-        "code": CODE_WEIGHT * F.mse_loss(out["features"], target) / target.var(),
+        "code": CODE_WEIGHT * F.mse_loss(out["features"], wanted) / wanted.var(),
     }
 
 
