@@ -366,9 +366,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     vision_cache_images: int = 256  # encoded images kept by content hash
+    # "auto": the Triton paged-decode kernel on CUDA when triton imports, else the PyTorch path ("torch").
+    attention_backend: str = "auto"
+    # Capture decode steps in CUDA graphs, one per batch-size bucket up to max_num_seqs (CUDA with the
+    # triton backend only; vLLM's --enforce-eager is cuda_graphs=False).
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.attention_backend not in ("auto", "torch", "triton", "flex"):
+            raise ConfigError(f"attention_backend must be auto, torch, triton or flex, got {self.attention_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny images and the helpers in checkpoints.py."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,3 +22,23 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def interpreted_triton():
+    """Triton's CPU interpreter; it must be chosen before triton is imported, so these tests run only in
+    a session started with TRITON_INTERPRET=1 and triton installed (CI has neither: CPU torch has no triton)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (and install triton) to run the Triton kernel on the CPU")
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):  # triton 3.6's interpreter calls int() on a 1-element array (a runtime loop
+        original(tensor, scope)  # bound), which numpy >= 2.4 refuses; read the element instead
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch
+    yield
+    interpreter._patch_lang_tensor = original

@@ -108,7 +108,7 @@ class LLMEngine:
         blocks = num_kv_blocks(pipe.model, self.cfg, self.max_model_len)
         self.block_manager = BlockManager(blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.block_manager, self.max_model_len)
-        self.runner = ModelRunner(pipe.model, self.cfg, blocks)
+        self.runner = ModelRunner(pipe.model, self.cfg, blocks, self.max_model_len)
         self.eos = {i for i in pipe.config.text.eos_token_ids + [pipe.tokenizer.eos_token_id] if i is not None}
         self._ids = itertools.count()
         self._tracks: dict[int, _Track] = {}
@@ -254,13 +254,15 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
                  num_kv_blocks: int | None = None, block_size: int = 16, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, **load_kwargs):
+                 enable_chunked_prefill: bool = True, attention_backend: str = "auto", enforce_eager: bool = False,
+                 **load_kwargs):
         from llavakit.pipeline import load
 
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            max_model_len=max_model_len, block_size=block_size, num_kv_blocks=num_kv_blocks,
                            kv_cache_memory=kv_cache_memory, gpu_memory_utilization=gpu_memory_utilization,
-                           enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill)
+                           enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
+                           attention_backend=attention_backend, cuda_graphs=not enforce_eager)
         self.engine = LLMEngine(load(model, dtype=dtype, device=device, **load_kwargs), cfg)
 
     def generate(self, requests, sampling_params: SamplingParams | list[SamplingParams] | None = None,

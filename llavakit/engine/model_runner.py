@@ -14,6 +14,7 @@ from collections import OrderedDict
 import torch
 
 from llavakit.config import EngineConfig
+from llavakit.engine.cuda_graphs import DecodeGraphs
 from llavakit.engine.scheduler import ScheduledBatch
 from llavakit.generation import encode_media
 from llavakit.layers.attention import PagedAttentionMetadata
@@ -47,23 +48,52 @@ def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_m
     return int(blocks)
 
 
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The paged-attention backend for `name` ("auto": triton on CUDA when it imports, else torch)."""
+    from llavakit.layers.triton_attention import triton_available
+
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton" and not triton_available():
+        raise ValueError("attention_backend='triton' needs the triton package (it comes with CUDA builds of "
+                         "torch); use 'torch' or 'auto'")
+    return name
+
+
 class ModelRunner:
     """Runs scheduled steps of one model on its device."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, cfg: EngineConfig, num_blocks: int):
+    def __init__(self, model: LlavaForConditionalGeneration, cfg: EngineConfig, num_blocks: int,
+                 max_model_len: int | None = None):
         self.model, self.cfg = model, cfg
         t = model.cfg.text
         self.device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        shape = (num_blocks, cfg.block_size, t.num_key_value_heads, t.head_dim)  # (blocks, slots, H_kv, D)
+        self.backend = resolve_backend(cfg.attention_backend, self.device)
+        # One spare block past the block manager's range: CUDA-graph padding rows write their KV there.
+        self.trash_block = num_blocks
+        shape = (num_blocks + 1, cfg.block_size, t.num_key_value_heads, t.head_dim)  # (blocks, slots, H_kv, D)
         self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_hidden_layers)]
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.images_encoded = 0
         self.videos_encoded = 0
+        self.graphs: DecodeGraphs | None = None
+        if (cfg.cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
+                and t.rope.kind != "dynamic"):  # dynamic NTK reads the longest position on the host
+            self.graphs = self.decode_graphs(max_model_len or t.context_length, capture=True)
+
+    def decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
+        """Static decode buffers (and, with capture, CUDA graphs) for up to max_num_seqs rows."""
+        blocks = -(-max_model_len // self.cfg.block_size)
+        return DecodeGraphs(self.model, self.kv_cache, self.backend, self.cfg.block_size, self.trash_block,
+                            self.cfg.max_num_seqs, blocks, capture)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, images: dict[str, Media]) -> tuple[list[int], torch.Tensor]:
         """Compute one step; returns the seq_ids that sample and their next-token logits (S', V), fp32."""
+        if self.graphs is not None and self._graphable(batch):
+            logits = self.graphs.run(batch.items)
+            return [item.seq.seq_id for item in batch.items], logits
         ids, positions, slots, feats = [], [], [], []
         self._encode_missing(batch, images)
         for item in batch.items:
@@ -82,6 +112,12 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[0, rows]).float()
         return [batch.items[i].seq.seq_id for i in last], logits
 
+    def _graphable(self, batch: ScheduledBatch) -> bool:
+        """Every row one token that samples and is no image placeholder, at most max_num_seqs rows."""
+        return len(batch.items) <= self.graphs.max_batch and all(
+            item.num_tokens == 1 and item.samples and not item.seq.images_in(item.start, item.start + 1)
+            for item in batch.items)
+
     def _metadata(self, batch: ScheduledBatch, slots: list[int]) -> PagedAttentionMetadata:
         query_lens = [item.num_tokens for item in batch.items]
         context_lens = [item.start + item.num_tokens for item in batch.items]
@@ -97,7 +133,7 @@ class ModelRunner:
             context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
-            decode_only=all(n == 1 for n in query_lens))
+            decode_only=all(n == 1 for n in query_lens), backend=self.backend)
 
     def _encode_missing(self, batch: ScheduledBatch, images: dict[str, Media]) -> None:
         """Encode every image and video this step needs that the cache does not hold."""

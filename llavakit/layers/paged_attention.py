@@ -10,8 +10,9 @@ context is one index of whole blocks (`k_cache[block_table]`, contiguous per blo
 is one row of the flattened (num_blocks * block_size, H_kv, D) view at its slot.
 
 Backends are chosen by `PagedAttentionMetadata.backend`: "torch" (runs everywhere; the reference the
-others are tested against) and "flex" (FlexAttention over the physical cache without gathering, meant
-for torch.compile on CUDA; eager on CPU is only for its tests).
+others are tested against), "triton" (a paged decode kernel that reads each sequence's blocks in place,
+triton_attention.py; what the engine uses on CUDA, and the one CUDA graphs can capture) and "flex"
+(FlexAttention over the physical cache without gathering; eager on CPU is only for its tests).
 """
 
 from __future__ import annotations
@@ -125,13 +126,15 @@ def decode_batched(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata
 
 
 def varlen_loop(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,
-                window: int | None) -> torch.Tensor:
-    """q (N, H, D), any mix of prefill chunks and decodes -> (N, H, D), one SDPA per sequence."""
+                window: int | None, skip_decodes: bool = False) -> torch.Tensor:
+    """q (N, H, D), any mix of prefill chunks and decodes -> (N, H, D), one SDPA per sequence.
+
+    skip_decodes: leave single-token sequences' rows as zeros (another kernel computes them)."""
     h = q.shape[1]
     out = q.new_zeros(q.shape)
     starts = [0, *accumulate(meta.query_lens)]
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list)):
-        if q_len == 0:
+        if q_len == 0 or (skip_decodes and q_len == 1):
             continue
         k = gather_blocks(cache[0], meta.block_tables[i], ctx)[:ctx].transpose(0, 1)  # (H_kv, ctx, D)
         v = gather_blocks(cache[1], meta.block_tables[i], ctx)[:ctx].transpose(0, 1)
@@ -226,4 +229,10 @@ def _compiled_flex():
     return torch.compile(flex_attention)
 
 
-BACKENDS = {"torch": torch_attention, "flex": flex_attention_paged}
+def _triton(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata, window: int | None) -> torch.Tensor:
+    from llavakit.layers.triton_attention import triton_attention  # lazy: imports triton
+
+    return triton_attention(q, cache, meta, window)
+
+
+BACKENDS = {"torch": torch_attention, "flex": flex_attention_paged, "triton": _triton}

@@ -66,6 +66,33 @@ def test_mixed_batch_equals_the_plain_loop(tiny, cfg):
     assert engine.block_manager.num_free_blocks == cfg.num_kv_blocks  # nothing leaked
 
 
+@pytest.mark.parametrize("cfg", [
+    EngineConfig(num_kv_blocks=256, max_num_seqs=5),
+    EngineConfig(num_kv_blocks=40, block_size=8, max_num_seqs=5),  # preemption
+], ids=["roomy", "preempting"])
+def test_static_decode_buffers_equal_the_plain_loop(tiny, cfg):
+    """The CUDA-graph step (padded buckets, trash-block padding rows, static buffers) run eagerly on the CPU."""
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, cfg)
+    engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
+    assert engine.runner.graphs.buckets == [1, 2, 4, 5]
+    outs = run(engine, requests(), GREEDY)
+    for req, p, out in zip(requests(), GREEDY, outs):
+        assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
+    assert engine.runner.graphs.steps >= 10  # the pure-decode steps went through the buffers
+    assert engine.block_manager.num_free_blocks == cfg.num_kv_blocks
+
+
+def test_triton_backend_in_the_engine_interpreted(tiny, interpreted_triton):
+    """The engine on the Triton kernel (CPU interpreter) through the static decode buffers."""
+    _, _, pipe = tiny
+    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, max_num_seqs=5, attention_backend="triton"))
+    engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
+    outs = run(engine, requests(), GREEDY)
+    for req, p, out in zip(requests(), GREEDY, outs):
+        assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
+
+
 def test_equals_transformers(tiny):
     hf, d, pipe = tiny
     engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))

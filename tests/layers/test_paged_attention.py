@@ -14,7 +14,7 @@ import torch
 from llavakit.layers.attention import Attention, AttentionMetadata, PagedAttentionMetadata
 from llavakit.layers.paged_attention import decode_batched, paged_attention, varlen_loop, write_kv
 
-H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 40
+H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 80
 
 
 def dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -182,8 +182,8 @@ def test_llama_decoder_gives_the_same_hidden_states_with_either_cache():
 def test_unknown_backend_and_bad_metadata_raise():
     batch = Batch([(0, 2)])
     q, k, v = batch.new_tokens()
-    with pytest.raises(ValueError, match="unknown paged attention backend 'triton'"):
-        paged_attention(q, k, v, batch.cache, batch.meta(backend="triton"), None)
+    with pytest.raises(ValueError, match="unknown paged attention backend 'nope'"):
+        paged_attention(q, k, v, batch.cache, batch.meta(backend="nope"), None)
     with pytest.raises(ValueError, match="more new tokens than context"):
         PagedAttentionMetadata(torch.zeros(3), torch.zeros(2), torch.zeros(1), torch.zeros(1, 1), BS, [3], [2])
     with pytest.raises(ValueError, match="decode_only=True but query_lens are \\[2\\]"):
@@ -191,18 +191,26 @@ def test_unknown_backend_and_bad_metadata_raise():
                                decode_only=True)
 
 
-def _flex_against_torch(device: str, window: int | None):
-    batch = Batch(MIXED, share_first_block={4: 2})
+def _backend_against_torch(backend: str, device: str, window: int | None, lens=MIXED, pad_tokens: int = 1,
+                           dtype=torch.float32, atol: float = 2e-5):
+    batch = Batch(lens, share_first_block={4: 2})
     batch.write_cached()
-    batch.cache = tuple(c.to(device) for c in batch.cache)
-    q, k, v = (x.to(device) for x in batch.new_tokens(pad_tokens=1))
-    meta_torch, meta_flex = batch.meta(pad_tokens=1), batch.meta("flex", pad_tokens=1)
-    for meta in (meta_torch, meta_flex):
+    batch.cache = tuple(c.to(device, dtype) for c in batch.cache)
+    q, k, v = (x.to(device, dtype) for x in batch.new_tokens(pad_tokens=pad_tokens))
+    meta_torch, meta_other = batch.meta(pad_tokens=pad_tokens), batch.meta(backend, pad_tokens=pad_tokens)
+    for meta in (meta_torch, meta_other):
         for name in ("slot_mapping", "query_start_loc", "context_lens", "block_tables"):
             setattr(meta, name, getattr(meta, name).to(device))
+    cache_before = tuple(c.clone() for c in batch.cache)
     ref = paged_attention(q, k, v, batch.cache, meta_torch, window)
-    out = paged_attention(q, k, v, batch.cache, meta_flex, window)
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    batch.cache = cache_before  # the second call writes the same new keys again, from the same start
+    out = paged_attention(q, k, v, batch.cache, meta_other, window)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    return out
+
+
+def _flex_against_torch(device: str, window: int | None):
+    _backend_against_torch("flex", device, window)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -219,3 +227,25 @@ def test_flex_backend_matches_torch_on_cpu(window):
 def test_flex_backend_matches_torch_on_cuda(window):
     """The compiled FlexAttention kernel on the GPU against the torch path."""
     _flex_against_torch("cuda", window)
+
+
+DECODES = [(0, 1), (6, 1), (13, 1), (2, 1), (70, 1), (130, 1)]  # contexts past one 64-position tile
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("lens", [DECODES, MIXED], ids=["decode", "mixed"])
+def test_triton_backend_matches_torch_interpreted(interpreted_triton, window, lens):
+    """The kernel's indexing (block tables, GQA, window, padding rows, mixed steps) on the CPU interpreter."""
+    out = _backend_against_torch("triton", "cpu", window, lens, pad_tokens=2)
+    assert torch.equal(out[0, -2:], torch.zeros(2, H * D))  # padding tokens attend to nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("lens", [DECODES, MIXED], ids=["decode", "mixed"])
+def test_triton_backend_matches_torch_on_cuda(window, lens, dtype):
+    pytest.importorskip("triton")
+    _backend_against_torch("triton", "cuda", window, lens, pad_tokens=2, dtype=dtype,
+                           atol=2e-5 if dtype == torch.float32 else 2e-2)
