@@ -1,0 +1,423 @@
+"""The engine at real size on a GPU against transformers on the same weights, in one process.
+
+    python benchmarks/gpu_bench.py --tokenizer DIR [--preset llava-1.5-7b] [--out DIR]
+    python benchmarks/gpu_bench.py --tokenizer ../shared/tokenizers/llama --preset bench-small --device cpu \
+        --output-tokens 8 --batch-sizes 1,2 --concurrent 4 --hf-one-by-one 1 --check-tokens 4   # smoke run
+
+What it does, in order (results are written after every phase, so a run cut short keeps what it measured):
+1. ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matrix product;
+2. correctness (fp32, the `--check-preset` model): the engine with its fast path (Triton decode kernel,
+   CUDA graphs) against the same engine on the PyTorch path without graphs, and against transformers'
+   greedy generate on the same weights, over mixed requests (distinct and repeated images, lengths);
+3. speed (`--preset` in `--dtype`, random weights: `load_format="dummy"`): the seed-004 protocol (batch 1..10,
+   one 336-px image each, 256 output tokens: TTFT, decode tokens/s, throughput), bs-1 decode against the
+   memory-bandwidth limit (the decoder's weight bytes / the copy bandwidth), the time of one captured
+   decode step, and `--concurrent` requests at once;
+4. transformers (`LlavaForConditionalGeneration` sharing the engine's weight tensors): TTFT, bs-1 decode,
+   padded batches 1..10, the concurrent requests as one padded batch and one by one (the one-by-one rate is
+   measured on the first `--hf-one-by-one` requests: running all 64 in turn would take ~10 minutes).
+Out: <out>/<name>.json (everything), .csv (per batch size), .png (chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llavakit.config import EngineConfig  # noqa: E402
+from llavakit.engine.llm_engine import LLMEngine  # noqa: E402
+from llavakit.eval import bench  # noqa: E402
+from llavakit.sampling import SamplingParams  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of fn() (CUDA events on a GPU, a host clock elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(device: torch.device) -> dict:
+    """Copy bandwidth (read + write bytes per second) and bf16 matmul FLOP/s, measured on random data."""
+    n = (1 << 31) if device.type == "cuda" else (1 << 26)  # elements of bf16: 4 GiB on a GPU
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_s = timed(lambda: dst.copy_(src), device)
+    m = 8192 if device.type == "cuda" else 512
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm_s = timed(lambda: a @ b, device)
+    return {"copy_bytes_per_s": 2 * n * 2 / copy_s, "bf16_matmul_flops": 2 * m ** 3 / mm_s}
+
+
+def hf_twin(pipe):
+    """transformers' LLaVA whose parameters are the engine model's own tensors (no second copy), except
+    the tower layers llavakit never runs, which keep transformers' random initialisation."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from llavakit.weights.name_maps import map_name
+    from llavakit.weights.save import TO_LLAVA_HF, hf_config_dict
+
+    model = pipe.model
+    dtype = model.lm_head.weight.dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(pipe.config, dtype=dtype)))
+        config = AutoConfig.from_pretrained(tmp)
+    with torch.device(model.lm_head.weight.device):
+        hf = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    wanted = set(hf.state_dict())
+    # hub names -> the module names of this transformers version (4.x: the hub names; 5.x: model.*)
+    renames = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+               ("image_newline", "model.image_newline")]
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        hub = map_name(name, TO_LLAVA_HF)
+        candidates = [hub] + [new + hub[len(old):] for old, new in renames if hub.startswith(old)]
+        candidates += [c.replace("vision_tower.vision_model.", "vision_tower.") for c in candidates]
+        key = next((c for c in candidates if c in wanted), None)
+        if key is None:
+            raise KeyError(f"{name} -> {hub} has no place in transformers' model")
+        state[key] = p.detach()
+    result = hf.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in result.missing_keys if "vision_tower" not in k]
+    if left or result.unexpected_keys:
+        raise RuntimeError(f"transformers' model lacks {left[:5]} / has extra {result.unexpected_keys[:5]}")
+    return hf.eval()
+
+
+def check_requests(n_images: int = 3):
+    reqs = [{"prompt": q, "images": [bench.noise(i % n_images, 336)]} for i, q in enumerate(bench.QUESTIONS * 2)]
+    reqs.append({"prompt": "No image, only text: say something."})
+    lengths = [17, 5, 32, 9, 24, 13, 30, 3, 20]
+    return reqs, [SamplingParams(max_tokens=lengths[i % len(lengths)], ignore_eos=True) for i in range(len(reqs))]
+
+
+def run_all(engine: LLMEngine, reqs, params) -> list[list[int]]:
+    for i, (r, p) in enumerate(zip(reqs, params)):
+        engine.add_request(f"c{i}-{time.time()}", r, p)
+    done = {}
+    order = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id not in order:
+                order.append(out.request_id)
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return [done[k] for k in sorted(done, key=lambda k: int(k.split("-")[0][1:]))]
+
+
+def hf_greedy(hf, pipe, req, n: int) -> list[int]:
+    ids = pipe.tokenize(req["prompt"], images=req.get("images"))
+    kwargs = {}
+    if req.get("images"):
+        pixels = torch.cat([p.pixel_values for p in pipe.processor.prepare_images(req["images"])])
+        kwargs["pixel_values"] = pixels.to(pipe.device, hf.dtype)
+    with torch.inference_mode():
+        out = hf.generate(input_ids=torch.tensor([ids], device=pipe.device), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+def correctness(args, device: torch.device) -> dict:
+    import llavakit
+
+    pipe = llavakit.load(args.check_preset, dtype="float32", device=str(device), load_format="dummy",
+                         tokenizer=args.tokenizer)
+    reqs, params = check_requests()
+    params = [SamplingParams(max_tokens=min(p.max_tokens, args.check_tokens), ignore_eos=True) for p in params]
+    fast = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30))
+    fast_out = run_all(fast, reqs, params)
+    slow = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30, attention_backend="torch",
+                                        cuda_graphs=False))
+    slow_out = run_all(slow, reqs, params)
+    report = {"preset": args.check_preset, "requests": len(reqs), "fast_backend": fast.runner.backend,
+              "cuda_graphs": fast.runner.graphs is not None and fast.runner.graphs.captured,
+              "graph_steps": fast.runner.graphs.steps if fast.runner.graphs else 0,
+              "fast_equals_torch_path": fast_out == slow_out,
+              "images_encoded": fast.runner.images_encoded}
+    hf = hf_twin(pipe)
+    hf_out = [hf_greedy(hf, pipe, r, p.max_tokens) for r, p in zip(reqs, params)]
+    report["torch_path_equals_transformers"] = slow_out == hf_out
+    report["fast_equals_transformers"] = fast_out == hf_out
+    report["mismatched_requests"] = [i for i, (a, b) in enumerate(zip(fast_out, hf_out)) if a != b]
+    del fast, slow, hf, pipe
+    return report
+
+
+def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> None:
+    import llavakit
+
+    log(f"loading {args.preset} ({args.dtype}, random weights)")
+    pipe = llavakit.load(args.preset, dtype=args.dtype, device=str(device), load_format="dummy",
+                         tokenizer=args.tokenizer)
+    lm = pipe.model.language_model
+    decoder_bytes = sum(p.numel() * p.element_size() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    decoder_bytes += pipe.model.lm_head.weight.numel() * pipe.model.lm_head.weight.element_size()
+    limit = copy_bw / decoder_bytes
+    kv = args.kv_cache_gb * (1 << 30) if args.kv_cache_gb else None
+    t0 = time.perf_counter()
+    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=max(args.concurrent, 10), kv_cache_memory=kv))
+    setup_s = time.perf_counter() - t0
+    log(f"engine ready in {setup_s:.1f}s (backend {engine.runner.backend}, graphs "
+        f"{engine.runner.graphs is not None}), {engine.block_manager.num_blocks} KV blocks")
+    bench.run_batch(engine, [{"prompt": "warm up", "images": [bench.noise(7)]}],
+                    [SamplingParams(max_tokens=8, ignore_eos=True)])
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    ours = {"engine_setup_s": setup_s, "kv_blocks": engine.block_manager.num_blocks,
+            "backend": engine.runner.backend, "cuda_graphs": engine.runner.graphs is not None,
+            "decoder_weight_bytes": decoder_bytes, "bandwidth_limit_tokens_per_s": limit}
+    report["ours"] = ours
+    log("seed-004 protocol")
+    ours["seed004"] = bench.as_rows(bench.seed004(engine, sizes, args.output_tokens))
+    bs1 = ours["seed004"][0]
+    ours["bs1_fraction_of_bandwidth_limit"] = bs1["decode_tokens_per_s"] / limit
+    if engine.runner.graphs is not None and engine.runner.graphs.captured:
+        g = engine.runner.graphs
+        ours["bs1_graph_replay_ms"] = timed(g.graphs[1].replay, device, repeats=50) * 1e3
+        ours["bs1_graph_fraction_of_bandwidth_limit"] = 1e3 / ours["bs1_graph_replay_ms"] / limit
+    save()
+    log(f"{args.concurrent} concurrent requests")
+    reqs = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(5000 + i)]} for i in range(args.concurrent)]
+    params = [SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)] * args.concurrent
+    ours["concurrent"] = bench.as_rows([bench.run_batch(engine, reqs, params)])[0]
+    ours["preemptions"] = engine.scheduler.num_preemptions
+    save()
+    del engine
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        log(f"engine freed: {torch.cuda.memory_allocated(device) / 2**30:.1f} GiB still allocated")
+
+    log("transformers")
+    hf = hf_twin(pipe)
+    theirs = {}
+    report["transformers"] = theirs
+    one = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(1001)]}]
+    bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=4)], 1)  # warm-up
+    t1 = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=1)], 1).seconds for _ in range(3))
+    tn = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=args.output_tokens)], 1).seconds
+             for _ in range(2))
+    theirs["ttft_ms"] = t1 * 1e3
+    theirs["bs1_decode_tokens_per_s"] = (args.output_tokens - 1) / (tn - t1)
+    save()
+    theirs["padded_batches"] = []
+    hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",") if x] if args.hf_batch_sizes is not None else sizes
+    for bs in hf_sizes:
+        reqs_b = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(1000 * bs + i)]} for i in range(bs)]
+        r = bench.hf_generate(hf, pipe, reqs_b, [SamplingParams(max_tokens=args.output_tokens)] * bs, bs)
+        theirs["padded_batches"].append({"batch_size": bs, "throughput_tokens_per_s": r.tokens_per_s,
+                                         "total_s": r.seconds})
+        log(f"transformers batch {bs}: {r.tokens_per_s:.1f} tokens/s")
+        save()
+    padded = bench.hf_generate(hf, pipe, reqs, params, len(reqs))
+    theirs["concurrent_padded_tokens_per_s"] = padded.tokens_per_s
+    save()
+    k = args.hf_one_by_one
+    single = bench.hf_generate(hf, pipe, reqs[:k], params[:k], 1)
+    theirs["concurrent_one_by_one_tokens_per_s"] = single.tokens_per_s
+    theirs["one_by_one_measured_on"] = k
+    conc = ours["concurrent"]["throughput_tokens_per_s"]
+    report["ratios"] = {
+        "bs1_decode": bs1["decode_tokens_per_s"] / theirs["bs1_decode_tokens_per_s"],
+        "ttft": theirs["ttft_ms"] / bs1["ttft_ms"],
+        "concurrent_vs_one_by_one": conc / theirs["concurrent_one_by_one_tokens_per_s"],
+        "concurrent_vs_padded_batch": conc / theirs["concurrent_padded_tokens_per_s"],
+    }
+    hf_rows = {t["batch_size"]: t for t in theirs["padded_batches"]}
+    if hf_rows:
+        report["ratios"]["per_batch_size"] = [o["throughput_tokens_per_s"] / hf_rows[o["batch_size"]]["throughput_tokens_per_s"]
+                                              for o in ours["seed004"] if o["batch_size"] in hf_rows]
+    save()
+
+
+def chart(report: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ours, theirs = report.get("ours", {}), report.get("transformers", {})
+    if "seed004" not in ours or "padded_batches" not in theirs:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = [r["batch_size"] for r in ours["seed004"]]
+    a.plot(sizes, [r["throughput_tokens_per_s"] for r in ours["seed004"]], marker="o", label="llavakit")
+    a.plot([r["batch_size"] for r in theirs["padded_batches"]],
+           [r["throughput_tokens_per_s"] for r in theirs["padded_batches"]], marker="s", label="transformers")
+    a.set_xlabel("batch size (one image each, 256 output tokens)")
+    a.set_ylabel("tokens/s")
+    a.set_title("throughput")
+    a.grid(alpha=0.3)
+    a.legend()
+    labels = ["bs1 decode", f"{report['args']['concurrent']} concurrent"]
+    ours_v = [ours["seed004"][0]["decode_tokens_per_s"], ours.get("concurrent", {}).get("throughput_tokens_per_s", 0)]
+    theirs_v = [theirs.get("bs1_decode_tokens_per_s", 0), theirs.get("concurrent_padded_tokens_per_s", 0)]
+    x = range(len(labels))
+    b.bar([i - 0.2 for i in x], ours_v, width=0.4, label="llavakit")
+    b.bar([i + 0.2 for i in x], theirs_v, width=0.4, label="transformers (padded batch)")
+    b.axhline(ours["bandwidth_limit_tokens_per_s"], color="gray", ls="--", lw=1, label="bs1 bandwidth limit")
+    b.set_xticks(list(x), labels)
+    b.set_ylabel("tokens/s")
+    b.set_yscale("log")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{report['args']['preset']} {report['args']['dtype']} on {report['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(report: dict) -> str:
+    lines = []
+    c = report.get("correctness", {})
+    if c:
+        lines.append(f"correctness: fast==torch path {c.get('fast_equals_torch_path')}, fast==transformers "
+                     f"{c.get('fast_equals_transformers')}, torch path==transformers "
+                     f"{c.get('torch_path_equals_transformers')} ({c.get('requests')} requests, "
+                     f"{c.get('graph_steps')} graph steps)")
+    ceil = report.get("ceilings", {})
+    if ceil:
+        lines.append(f"copy bandwidth {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
+                     f"{ceil['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
+    ours, theirs, ratios = report.get("ours", {}), report.get("transformers", {}), report.get("ratios", {})
+    if "seed004" in ours:
+        lines.append(f"bs1 decode {ours['seed004'][0]['decode_tokens_per_s']:.1f} tok/s = "
+                     f"{100 * ours['bs1_fraction_of_bandwidth_limit']:.1f}% of the bandwidth limit "
+                     f"{ours['bandwidth_limit_tokens_per_s']:.1f}; one graph replay "
+                     f"{ours.get('bs1_graph_replay_ms', float('nan')):.2f} ms")
+        hf_rows = {r["batch_size"]: r for r in theirs.get("padded_batches", [])}
+        lines.append(f"{'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'tok/s':>9} {'transformers tok/s':>19}")
+        for r in ours["seed004"]:
+            hf = hf_rows.get(r["batch_size"], {}).get("throughput_tokens_per_s", float("nan"))
+            lines.append(f"{r['batch_size']:>5} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f} "
+                         f"{r['throughput_tokens_per_s']:>9.1f} {hf:>19.1f}")
+    if "concurrent" in ours:
+        lines.append(f"{report['args']['concurrent']} concurrent: {ours['concurrent']['throughput_tokens_per_s']:.1f} "
+                     f"tok/s, TTFT {ours['concurrent']['ttft_ms']:.0f} ms")
+    for key in ("ttft_ms", "bs1_decode_tokens_per_s", "concurrent_padded_tokens_per_s",
+                "concurrent_one_by_one_tokens_per_s"):
+        if key in theirs:
+            lines.append(f"transformers {key}: {theirs[key]:.1f}")
+    for key, value in ratios.items():
+        text = ", ".join(f"{v:.2f}" for v in value) if isinstance(value, list) else f"{value:.2f}"
+        lines.append(f"ratio {key}: {text}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="a LLaMA tokenizer directory (the presets' vocabulary)")
+    p.add_argument("--preset", default="llava-1.5-7b")
+    p.add_argument("--check-preset", default="bench-small")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--output-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10")
+    p.add_argument("--hf-batch-sizes", default=None, help="transformers' padded batch sizes (default: --batch-sizes; '' none)")
+    p.add_argument("--concurrent", type=int, default=64)
+    p.add_argument("--hf-one-by-one", type=int, default=4)
+    p.add_argument("--check-tokens", type=int, default=32)
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="engine KV cache size (default: free memory)")
+    p.add_argument("--skip", default="", help="comma list of phases to skip: ceilings,correctness,speed")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--name", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{os.cpu_count()}c"
+    import transformers
+
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "date": datetime.date.today().isoformat(), "device_name": name, "torch": torch.__version__,
+              "transformers": transformers.__version__, "host": platform.node()}
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        report["triton"] = None
+    stem = args.name or f"gpu_{args.preset}_{name.replace(' ', '-')}_{report['date']}"
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+
+    skip = set(filter(None, args.skip.split(",")))
+
+    def phase(name, fn):
+        """Run one phase; a failure is recorded and the next phase still runs (a GPU lease is short)."""
+        if name in skip:
+            return
+        log(name)
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - recorded in the report and printed, then the run goes on
+            import traceback
+
+            traceback.print_exc()
+            report.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        save()
+
+    try:
+        phase("ceilings", lambda: report.__setitem__("ceilings", ceilings(device)))
+        phase("correctness", lambda: report.__setitem__("correctness", correctness(args, device)))
+        phase("speed", lambda: speed(args, device, report.get("ceilings", {}).get("copy_bytes_per_s", float("nan")),
+                                     report, save))
+    finally:
+        save()
+        ours = report.get("ours", {})
+        if "seed004" in ours:
+            rows = ["batch_size,ttft_ms,decode_tokens_per_s,throughput_tokens_per_s,total_s,"
+                    "transformers_throughput_tokens_per_s"]
+            hf_rows = {r["batch_size"]: r for r in report.get("transformers", {}).get("padded_batches", [])}
+            for r in ours["seed004"]:
+                hf = hf_rows.get(r["batch_size"], {}).get("throughput_tokens_per_s", "")
+                rows.append(",".join(str(x) for x in (*r.values(), hf)))
+            (args.out / f"{stem}.csv").write_text("\n".join(rows) + "\n")
+        chart(report, args.out / f"{stem}.png")
+        print(table(report), flush=True)
+        for name, error in report.get("errors", {}).items():
+            print(f"phase {name} failed: {error}", flush=True)
+    return 1 if report.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
