@@ -160,11 +160,15 @@ def correctness(args, device: torch.device) -> dict:
                          tokenizer=args.tokenizer)
     reqs, params = check_requests()
     params = [SamplingParams(max_tokens=min(p.max_tokens, args.check_tokens), ignore_eos=True) for p in params]
-    fast = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30))
-    fast_out = run_all(fast, reqs, params)
+    from llavakit.layers import triton_ops
+
+    triton_ops.ENABLED = False  # the plain PyTorch path first: no fused ops, no fused projections yet
     slow = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30, attention_backend="torch",
                                         cuda_graphs=False))
     slow_out = run_all(slow, reqs, params)
+    triton_ops.ENABLED = True
+    fast = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30))
+    fast_out = run_all(fast, reqs, params)
     report = {"preset": args.check_preset, "requests": len(reqs), "fast_backend": fast.runner.backend,
               "cuda_graphs": fast.runner.graphs is not None and fast.runner.graphs.captured,
               "graph_steps": fast.runner.graphs.steps if fast.runner.graphs else 0,
@@ -217,6 +221,7 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     ours["concurrent"] = bench.as_rows([bench.run_batch(engine, reqs, params)])[0]
     ours["preemptions"] = engine.scheduler.num_preemptions
     save()
+    engine.runner.release()
     del engine
     import gc
 

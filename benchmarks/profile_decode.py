@@ -31,8 +31,12 @@ def main() -> int:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--variants", action="store_true",
+                   help="also time one replay with each optimisation switched off in turn")
     args = p.parse_args()
     pipe = llavakit.load(args.preset, dtype="bfloat16", device="cuda", load_format="dummy", tokenizer=args.tokenizer)
+    if args.variants:
+        variants(pipe, args)
     engine = LLMEngine(pipe, EngineConfig(max_num_seqs=16, kv_cache_memory=8 << 30))
     graphs = engine.runner.graphs
     for b in (int(x) for x in args.batch.split(",")):
@@ -66,6 +70,80 @@ def main() -> int:
         while engine.has_unfinished():
             engine.step()
     return 0
+
+
+def replay_ms(pipe, batch: int, steps: int) -> float:
+    """A fresh engine (graphs captured now), `batch` one-image requests prefilled, one replay's median-ish time."""
+    from llavakit.config import EngineConfig
+    from llavakit.engine.llm_engine import LLMEngine
+    from llavakit.eval import bench
+    from llavakit.sampling import SamplingParams
+
+    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=16, kv_cache_memory=8 << 30))
+    for i in range(batch):
+        engine.add_request(f"v{i}", {"prompt": bench.QUESTIONS[0], "images": [bench.noise(100 + i)]},
+                           SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(12):
+        engine.step()
+    g = engine.runner.graphs.graphs[engine.runner.graphs.bucket(batch)]
+    for _ in range(3):
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        g.replay()
+    end.record()
+    end.synchronize()
+    engine.runner.release()
+    return start.elapsed_time(end) / steps
+
+
+def variants(pipe, args) -> None:
+    """One replay's time with everything on, then with each optimisation off (the rest on)."""
+    from llavakit.layers import triton_attention, triton_ops
+
+    attn_layers = [layer.self_attn for layer in pipe.model.language_model.layers]
+    mlps = [layer.mlp for layer in pipe.model.language_model.layers]
+
+    def no_fused_ops(on):
+        triton_ops.ENABLED = not on
+
+    def no_splits(on):
+        triton_attention.MAX_SPLITS = 1 if on else 16
+
+    saved = {}
+
+    def no_fused_projections(on):
+        if on:
+            saved["qkv"] = [a.qkv_weight for a in attn_layers]
+            saved["gu"] = [m.gate_up_weight for m in mlps]
+            for a in attn_layers:
+                a.qkv_weight = None
+            for m in mlps:
+                m.gate_up_weight = None
+            import llavakit.engine.model_runner as mr
+            saved["fuse"], mr.fuse_projections = mr.fuse_projections, lambda model: 0
+        else:
+            import llavakit.engine.model_runner as mr
+            mr.fuse_projections = saved["fuse"]
+            for a, w in zip(attn_layers, saved["qkv"]):
+                a.qkv_weight = w
+            for m, w in zip(mlps, saved["gu"]):
+                m.gate_up_weight = w
+
+    rows = [("all on", None), ("no fused small ops", no_fused_ops), ("no context splits", no_splits),
+            ("no fused projections", no_fused_projections)]
+    batches = [int(x) for x in args.batch.split(",")]
+    print(f"{'variant':<24}" + "".join(f"{'bs' + str(b) + ' ms':>10}" for b in batches))
+    for name, switch in rows:
+        if switch:
+            switch(True)
+        try:
+            times = [replay_ms(pipe, b, args.steps) for b in batches]
+        finally:
+            if switch:
+                switch(False)
+        print(f"{name:<24}" + "".join(f"{t:>10.3f}" for t in times), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from llavakit.engine.cuda_graphs import DecodeGraphs
 from llavakit.engine.scheduler import ScheduledBatch
 from llavakit.generation import encode_media
 from llavakit.layers.attention import PagedAttentionMetadata
+from llavakit.models.llama import fuse_projections
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.prompt import Media, PreparedVideo
 
@@ -50,7 +51,7 @@ def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_m
 
 def resolve_backend(name: str, device: torch.device) -> str:
     """The paged-attention backend for `name` ("auto": triton on CUDA when it imports, else torch)."""
-    from llavakit.layers.triton_attention import triton_available
+    from llavakit.layers.triton_ops import triton_available
 
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
@@ -80,7 +81,16 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if (cfg.cuda_graphs and self.device.type == "cuda" and self.backend == "triton"
                 and t.rope.kind != "dynamic"):  # dynamic NTK reads the longest position on the host
+            fuse_projections(model.language_model)
             self.graphs = self.decode_graphs(max_model_len or t.context_length, capture=True)
+
+    def release(self) -> None:
+        """Free the device memory this runner holds (KV cache, graphs, cached image features)."""
+        self.graphs = None
+        self.kv_cache.clear()  # the list is shared with the graphs' buffers
+        self.features.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
         """Static decode buffers (and, with capture, CUDA graphs) for up to max_num_seqs rows."""

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llavakit.layers import triton_ops
+
 
 class QuickGELU(nn.Module):
     """CLIP's x * sigmoid(1.702 x)."""
@@ -31,4 +33,6 @@ def get_activation(name: str) -> nn.Module:
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: silu(gate) * up."""
+    if gate.dtype == up.dtype and triton_ops.use_fused(gate):
+        return triton_ops.silu_and_mul(gate, up)
     return F.silu(gate) * up

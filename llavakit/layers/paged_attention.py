@@ -24,6 +24,8 @@ from itertools import accumulate
 import torch
 import torch.nn.functional as F
 
+from llavakit.layers import triton_ops
+
 KVPages = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -66,6 +68,8 @@ def write_kv(cache: KVPages, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
              may_skip: bool = True) -> None:
     """Store k/v (N, H_kv, D) at the flattened cache rows `slot_mapping` (N,); rows with -1 are skipped."""
     k_cache, v_cache = cache
+    if k.dtype == k_cache.dtype and k_cache.is_contiguous() and triton_ops.use_fused(k):
+        return triton_ops.write_kv(cache, k, v, slot_mapping)  # one kernel, and -1 needs no host sync
     if may_skip:
         keep = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
@@ -176,7 +180,8 @@ def flex_attention_paged(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMe
     Its speed against the torch path has not been measured yet: tiles of 128 flat queries span several
     sequences, so decode computes more scores than it keeps.
     """
-    from torch.nn.attention.flex_attention import flex_attention  # lazy: pulls in torch's compiler stack
+    # lazy: pulls in torch's compiler stack
+    from torch.nn.attention.flex_attention import flex_attention
 
     k_cache, v_cache = cache
     hkv, d = k_cache.shape[2:]
@@ -230,7 +235,7 @@ def _compiled_flex():
 
 
 def _triton(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata, window: int | None) -> torch.Tensor:
-    from llavakit.layers.triton_attention import triton_attention  # lazy: imports triton
+    from llavakit.layers.triton_attention import triton_attention  # noqa: I001 - lazy: imports triton
 
     return triton_attention(q, cache, meta, window)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from llavakit.config import RopeConfig
+from llavakit.layers import triton_ops
 
 
 def inv_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -54,5 +55,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, D); cos/sin (B, T, D)."""
+    if x.dtype == cos.dtype and triton_ops.use_fused(x):  # one kernel instead of ten
+        return triton_ops.rotary(x, cos, sin)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return x * cos + _rotate_half(x) * sin

@@ -27,25 +27,20 @@ except ImportError:
     tl = None
 
 from llavakit.layers.paged_attention import KVPages, PagedAttentionMetadata, varlen_loop
+from llavakit.layers.triton_ops import triton_available, triton_next_pow2  # noqa: F401 - re-exported
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Whether the triton package imports (it ships with CUDA builds of torch, not with CPU ones)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, ctx_ptr, scale, window,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, ws_ptr, rows_ptr, tables_ptr, ctx_ptr, scale, window,
                          stride_q, stride_qh, stride_kb, stride_kt, stride_kh, stride_t, stride_o, stride_oh,
                          GROUPS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """One (decode row, query head): online softmax over the row's paged context, float32."""
+                         D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         SPLITS: tl.constexpr):
+    """One (decode row, query head, context split): online softmax over that part of the row's paged
+    context, float32. With one split it writes the output; with several, (acc, max, sum) to the workspace
+    for _combine_kernel."""
     i = tl.program_id(0)  # which decode row
     h = tl.program_id(1)  # which query head
+    sp = tl.program_id(2)  # which part of the context
     kvh = h // GROUPS
     row = tl.load(rows_ptr + i)  # the row of q / out this program reads and writes
     ctx = tl.load(ctx_ptr + i)  # positions 0 .. ctx-1 are visible; the query sits at ctx-1
@@ -59,14 +54,20 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, ctx
     if HAS_WINDOW:
         lo = tl.maximum(ctx - window, 0)
         lo = (lo // BLOCK_N) * BLOCK_N
-    for start in range(lo, ctx, BLOCK_N):
+    chunk = ((ctx - lo + SPLITS - 1) // SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    first = lo + sp * chunk
+    end = tl.minimum(ctx, first + chunk)
+    for start in range(first, end, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        ok = pos < ctx
+        ok = pos < end
         if HAS_WINDOW:
             ok = ok & (pos >= ctx - window)
         block = tl.load(tables_ptr + i * stride_t + pos // BLOCK_SIZE, mask=ok, other=0)
         base = block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        both = ok[:, None] & d_ok[None, :]
+        if D_PAD == HEAD_DIM:
+            both = ok[:, None]  # no mask along the head dim: the loads stay 16-byte vectors
+        else:
+            both = ok[:, None] & d_ok[None, :]
         k = tl.load(k_ptr + base[:, None] + d[None, :], mask=both, other=0.0).to(tl.float32)
         scores = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=0))
@@ -76,21 +77,64 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, rows_ptr, tables_ptr, ctx
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         total = total * alpha + tl.sum(p, axis=0)
         m = m_new
-    out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
-    tl.store(out_ptr + row * stride_o + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    if SPLITS == 1:
+        out = tl.where(total > 0, acc / tl.maximum(total, 1e-30), 0.0)
+        tl.store(out_ptr + row * stride_o + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        ws = ws_ptr + ((i * tl.num_programs(1) + h) * SPLITS + sp) * (D_PAD + 2)
+        tl.store(ws + d, acc)
+        tl.store(ws + D_PAD, m)
+        tl.store(ws + D_PAD + 1, total)
+
+
+def _combine_kernel(ws_ptr, rows_ptr, out_ptr, stride_o, stride_oh, HEAD_DIM: tl.constexpr,
+                    D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+    """One (decode row, query head): merge the splits' partial softmaxes."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(rows_ptr + i)
+    d = tl.arange(0, D_PAD)
+    sp = tl.arange(0, SPLITS)
+    ws = ws_ptr + ((i * tl.num_programs(1) + h) * SPLITS + sp) * (D_PAD + 2)
+    m = tl.load(ws + D_PAD)  # (SPLITS,)
+    total = tl.load(ws + D_PAD + 1)
+    acc = tl.load(ws[:, None] + d[None, :])  # (SPLITS, D_PAD)
+    m_all = tl.max(m, axis=0)
+    w = tl.where(total > 0, tl.exp(m - m_all), 0.0)  # empty splits (max -inf, sum 0) weigh nothing
+    denom = tl.sum(total * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0)
+    out = tl.where(denom > 0, out / tl.maximum(denom, 1e-30), 0.0)
+    tl.store(out_ptr + row * stride_o + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @functools.cache
-def _kernel():
+def _jit(name: str):
     import triton
 
-    return triton.jit(_paged_decode_kernel)
+    return triton.jit(globals()[name])
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+MAX_SPLITS = 16
+
+
+def num_splits(rows: int, heads: int, device: torch.device) -> int:
+    """Context splits so that rows x heads x splits fills the GPU about twice (1 when rows alone do)."""
+    programs = rows * heads
+    want = -(-2 * _sm_count(device) // programs)
+    return max(1, min(MAX_SPLITS, triton_next_pow2(want))) if want > 1 else 1
 
 
 def paged_decode(q: torch.Tensor, cache: KVPages, rows: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, window: int | None, out: torch.Tensor) -> torch.Tensor:
+                 context_lens: torch.Tensor, window: int | None, out: torch.Tensor,
+                 splits: int | None = None) -> torch.Tensor:
     """Attention for single-token queries: q (N, H, D); rows (R,) the q rows to compute, block_tables
-    (R, W) and context_lens (R,) theirs. Writes out[rows] (N, H, D) and returns out."""
+    (R, W) and context_lens (R,) theirs. Writes out[rows] (N, H, D) and returns out. `splits` (a power
+    of two) cuts each row's context into that many parts run in parallel (default: num_splits)."""
     k_cache, v_cache = cache
     r = rows.shape[0]
     if r == 0:
@@ -99,17 +143,19 @@ def paged_decode(q: torch.Tensor, cache: KVPages, rows: torch.Tensor, block_tabl
     hkv, block_size = k_cache.shape[2], k_cache.shape[1]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("paged_decode needs contiguous head dims and equal k/v cache layouts")
-    _kernel()[(r, h)](
-        q, k_cache, v_cache, out, rows, block_tables, context_lens, 1.0 / math.sqrt(d), window or 0,
+    splits = splits or num_splits(r, h, q.device)
+    d_pad = triton_next_pow2(d)
+    ws = torch.empty((r, h, splits, d_pad + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
+    _jit("_paged_decode_kernel")[(r, h, splits)](
+        q, k_cache, v_cache, out, ws, rows, block_tables, context_lens, 1.0 / math.sqrt(d), window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUPS=h // hkv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=triton_next_pow2(d),
-        BLOCK_N=64, HAS_WINDOW=window is not None)
+        GROUPS=h // hkv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad,
+        BLOCK_N=64, HAS_WINDOW=window is not None, SPLITS=splits)
+    if splits > 1:
+        _jit("_combine_kernel")[(r, h)](ws, rows, out, out.stride(0), out.stride(1), HEAD_DIM=d, D_PAD=d_pad,
+                                        SPLITS=splits)
     return out
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def triton_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,

@@ -7,6 +7,7 @@ that already hold image features.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -14,7 +15,7 @@ from llavakit.config import TextConfig
 from llavakit.layers.activation import silu_and_mul
 from llavakit.layers.attention import Attention, AttentionMetadata
 from llavakit.layers.embedding import embedding
-from llavakit.layers.linear import linear
+from llavakit.layers.linear import Linear, linear
 from llavakit.layers.norm import RMSNorm
 from llavakit.layers.rotary import RotaryEmbedding, apply_rotary
 
@@ -29,13 +30,19 @@ class LlamaAttention(nn.Module):
         self.v_proj = linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias, tp_style="column")
         self.o_proj = linear(h * d, cfg.hidden_size, bias=cfg.attention_bias, tp_style="row")
         self.attn = Attention(h, hk, d, cfg.sliding_window)
+        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None and not torch.is_grad_enabled():  # one product for the three
+            hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = F.linear(x, self.qkv_weight).split([hd, kd, kd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, cache, meta))
 
@@ -48,8 +55,12 @@ class LlamaMLP(nn.Module):
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, tp_style="row")
+        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(silu_and_mul(gate, up))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -64,6 +75,36 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache, meta):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def fuse_projections(model: "LlamaModel") -> int:
+    """For inference: store each layer's q/k/v weights, and its gate/up weights, as one tensor, so each
+    group runs as one matrix product (one weight read, one launch). The Linear modules keep their weights
+    as views into the fused tensor, so memory, names and state_dict stay as they were. Only plain,
+    bias-free Linear layers of one dtype are fused (quantized or LoRA-wrapped ones are left alone).
+    Returns the number of groups fused."""
+    fused = 0
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups = [(attn, "qkv_weight", [attn.q_proj, attn.k_proj, attn.v_proj]),
+                  (mlp, "gate_up_weight", [mlp.gate_proj, mlp.up_proj])]
+        for owner, attr, linears in groups:
+            if all(type(m) is Linear and m.bias is None for m in linears) and \
+                    len({m.weight.dtype for m in linears}) == 1:
+                setattr(owner, attr, _fuse(linears))
+                fused += 1
+    return fused
+
+
+@torch.no_grad()
+def _fuse(linears: list[Linear]) -> torch.Tensor:
+    weight = torch.cat([m.weight for m in linears])
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=m.weight.requires_grad)
+        start += n
+    return weight
 
 
 class LlamaModel(nn.Module):

@@ -11,8 +11,17 @@ import math
 import pytest
 import torch
 
-from llavakit.layers.attention import Attention, AttentionMetadata, PagedAttentionMetadata
-from llavakit.layers.paged_attention import decode_batched, paged_attention, varlen_loop, write_kv
+from llavakit.layers.attention import (
+    Attention,
+    AttentionMetadata,
+    PagedAttentionMetadata,
+)
+from llavakit.layers.paged_attention import (
+    decode_batched,
+    paged_attention,
+    varlen_loop,
+    write_kv,
+)
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 80
 
@@ -249,3 +258,56 @@ def test_triton_backend_matches_torch_on_cuda(window, lens, dtype):
     pytest.importorskip("triton")
     _backend_against_torch("triton", "cuda", window, lens, pad_tokens=2, dtype=dtype,
                            atol=2e-5 if dtype == torch.float32 else 2e-2)
+
+
+def _split_decode_against_torch(device: str, splits: int, window: int | None, dtype=torch.float32):
+    from llavakit.layers.triton_attention import paged_decode
+
+    batch = Batch(DECODES, share_first_block={4: 2})
+    batch.write_cached()
+    batch.cache = tuple(c.to(device, dtype) for c in batch.cache)
+    q, k, v = (x.to(device, dtype) for x in batch.new_tokens())
+    meta = batch.meta()
+    for name in ("slot_mapping", "query_start_loc", "context_lens", "block_tables"):
+        setattr(meta, name, getattr(meta, name).to(device))
+    ref = paged_attention(q, k, v, batch.cache, meta, window)[0].view(-1, H, D)
+    rows = torch.arange(len(DECODES), device=device, dtype=torch.int32)
+    out = torch.full_like(q[0], float("nan"))  # every row must be written
+    paged_decode(q[0], batch.cache, rows, meta.block_tables, meta.context_lens, window, out, splits=splits)
+    torch.testing.assert_close(out, ref, atol=2e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("splits", [2, 8])
+def test_triton_context_splits_interpreted(interpreted_triton, splits, window):
+    """Contexts cut into parts (some empty: 8 parts of a 1-token context) merge to the same attention."""
+    _split_decode_against_torch("cpu", splits, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("splits", [1, 2, 8, 16])
+def test_triton_context_splits_on_cuda(splits, window):
+    pytest.importorskip("triton")
+    _split_decode_against_torch("cuda", splits, window)
+
+
+@torch.no_grad()
+def test_fused_projections_give_the_same_outputs_and_keep_the_parameters():
+    from llavakit.config import TextConfig
+    from llavakit.models.llama import LlamaModel, fuse_projections
+
+    cfg = TextConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=H, num_key_value_heads=HKV)
+    model = LlamaModel(cfg).eval()
+    x, pos = torch.randn(1, 5, 32), torch.arange(5)[None]
+    want = model(x, pos, None, AttentionMetadata())
+    names = {n: p.clone() for n, p in model.named_parameters()}
+    assert fuse_projections(model) == 4
+    assert model.layers[0].self_attn.qkv_weight.shape == (H * D + 2 * HKV * D, 32)
+    torch.testing.assert_close(model(x, pos, None, AttentionMetadata()), want, atol=1e-6, rtol=1e-6)
+    assert {n: p for n, p in model.named_parameters()}.keys() == names.keys()
+    assert all(torch.equal(p, names[n]) for n, p in model.named_parameters())
+    model.layers[0].mlp.up_proj.weight.mul_(2)  # the Linear weights are views: the fused copy follows
+    assert torch.equal(model.layers[0].mlp.gate_up_weight[64:], model.layers[0].mlp.up_proj.weight)
