@@ -37,7 +37,7 @@ def main() -> int:
     pipe = llavakit.load(args.preset, dtype="bfloat16", device="cuda", load_format="dummy", tokenizer=args.tokenizer)
     if args.variants:
         variants(pipe, args)
-    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=16, kv_cache_memory=8 << 30))
+    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=64, kv_cache_memory=24 << 30))
     graphs = engine.runner.graphs
     for b in (int(x) for x in args.batch.split(",")):
         reqs = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(100 + i)]} for i in range(b)]

@@ -61,7 +61,8 @@ class DecodeGraphs:
         meta = PagedAttentionMetadata(
             slot_mapping=slots, query_start_loc=self.query_start[:b + 1], context_lens=ctx,
             block_tables=self.tables[:b], block_size=self.block_size, query_lens=[1] * b,
-            context_lens_list=context_lens, may_skip_slots=False, backend=self.backend, decode_only=True)
+            context_lens_list=context_lens, may_skip_slots=False, backend=self.backend, decode_only=True,
+            max_context_bound=self.tables.shape[1] * self.block_size)
         embeds = self.model.language_model.embed_tokens(ids)[None]
         hidden = self.model(embeds, positions[None], self.kv_cache, meta)
         return self.model.compute_logits(hidden[0])

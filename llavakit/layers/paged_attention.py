@@ -48,6 +48,9 @@ class PagedAttentionMetadata:
     may_skip_slots: bool = True
     backend: str = "torch"
     decode_only: bool | None = None  # every sequence has exactly one new token; None: derived from query_lens
+    # An upper bound on every context length when context_lens_list is a placeholder (CUDA-graph capture,
+    # where lengths are read from the tensors at replay); None: max(context_lens_list).
+    max_context_bound: int | None = None
     max_context_len: int = field(init=False)
     step_cache: dict = field(init=False, default_factory=dict)  # per-step tensors a backend builds once
 

@@ -119,22 +119,25 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-MAX_SPLITS = 16
+MAX_SPLITS = 32
+SPLIT_LEN = 256  # a split walks at most this many positions of the longest possible context
 
 
-def num_splits(rows: int, heads: int, device: torch.device) -> int:
-    """Context splits so that rows x heads x splits fills the GPU about twice (1 when rows alone do)."""
-    programs = rows * heads
-    want = -(-2 * _sm_count(device) // programs)
-    return max(1, min(MAX_SPLITS, triton_next_pow2(want))) if want > 1 else 1
+def num_splits(rows: int, heads: int, device: torch.device, max_context: int = 0) -> int:
+    """Context splits (a power of two): enough that rows x heads x splits fills the GPU about twice, and
+    that no split walks more than SPLIT_LEN positions of a `max_context`-long context. A program walks its
+    tiles one after another, each waiting on memory, so short walks matter more than few programs."""
+    want = max(-(-2 * _sm_count(device) // (rows * heads)), -(-max_context // SPLIT_LEN), 1)
+    return min(MAX_SPLITS, triton_next_pow2(want))
 
 
 def paged_decode(q: torch.Tensor, cache: KVPages, rows: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, window: int | None, out: torch.Tensor,
-                 splits: int | None = None) -> torch.Tensor:
+                 splits: int | None = None, max_context: int = 0) -> torch.Tensor:
     """Attention for single-token queries: q (N, H, D); rows (R,) the q rows to compute, block_tables
     (R, W) and context_lens (R,) theirs. Writes out[rows] (N, H, D) and returns out. `splits` (a power
-    of two) cuts each row's context into that many parts run in parallel (default: num_splits)."""
+    of two) cuts each row's context into that many parts run in parallel (default: num_splits for
+    `max_context`, a bound on the rows' context lengths)."""
     k_cache, v_cache = cache
     r = rows.shape[0]
     if r == 0:
@@ -143,7 +146,7 @@ def paged_decode(q: torch.Tensor, cache: KVPages, rows: torch.Tensor, block_tabl
     hkv, block_size = k_cache.shape[2], k_cache.shape[1]
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
         raise ValueError("paged_decode needs contiguous head dims and equal k/v cache layouts")
-    splits = splits or num_splits(r, h, q.device)
+    splits = splits or num_splits(r, h, q.device, max_context)
     d_pad = triton_next_pow2(d)
     ws = torch.empty((r, h, splits, d_pad + 2), dtype=torch.float32, device=q.device) if splits > 1 else out
     _jit("_paged_decode_kernel")[(r, h, splits)](
@@ -167,7 +170,8 @@ def triton_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetada
         if key not in meta.step_cache:
             meta.step_cache[key] = torch.arange(s, device=q.device, dtype=torch.int32)
         out = q.new_zeros(q.shape) if q.shape[0] > s else torch.empty_like(q)
-        return paged_decode(q, cache, meta.step_cache[key], meta.block_tables[:s], meta.context_lens[:s], window, out)
+        return paged_decode(q, cache, meta.step_cache[key], meta.block_tables[:s], meta.context_lens[:s], window, out,
+                            max_context=_span(meta, window))
     out = varlen_loop(q, cache, meta, window, skip_decodes=True)  # prefill chunks; decode rows left as zeros
     decodes = [i for i, n in enumerate(meta.query_lens) if n == 1]
     if decodes:
@@ -178,6 +182,12 @@ def triton_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetada
             meta.step_cache[key] = (torch.tensor([starts[i] for i in decodes], device=q.device, dtype=torch.int32),
                                     meta.block_tables[idx], meta.context_lens[idx])
         rows, tables, ctx = meta.step_cache[key]
-        paged_decode(q, cache, rows, tables, ctx, window, out)
+        paged_decode(q, cache, rows, tables, ctx, window, out, max_context=_span(meta, window))
     return out
+
+
+def _span(meta: PagedAttentionMetadata, window: int | None) -> int:
+    """A bound on how many positions one row attends to (captured graphs give the longest possible)."""
+    bound = meta.max_context_bound or meta.max_context_len
+    return bound if window is None else min(bound, window + 64)
 
