@@ -195,7 +195,8 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     limit = copy_bw / decoder_bytes
     kv = args.kv_cache_gb * (1 << 30) if args.kv_cache_gb else None
     t0 = time.perf_counter()
-    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=max(args.concurrent, 10), kv_cache_memory=kv))
+    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=max(args.concurrent, 10), kv_cache_memory=kv,
+                                          max_num_batched_tokens=args.max_num_batched_tokens))
     setup_s = time.perf_counter() - t0
     log(f"engine ready in {setup_s:.1f}s (backend {engine.runner.backend}, graphs "
         f"{engine.runner.graphs is not None}), {engine.block_manager.num_blocks} KV blocks")
@@ -361,6 +362,7 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--hf-one-by-one", type=int, default=4)
     p.add_argument("--check-tokens", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="the engine's tokens per step")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="engine KV cache size (default: free memory)")
     p.add_argument("--skip", default="", help="comma list of phases to skip: ceilings,correctness,speed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
