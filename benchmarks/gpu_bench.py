@@ -362,7 +362,7 @@ def main() -> int:
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--hf-one-by-one", type=int, default=4)
     p.add_argument("--check-tokens", type=int, default=32)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384, help="the engine's tokens per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="the engine's tokens per step")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="engine KV cache size (default: free memory)")
     p.add_argument("--skip", default="", help="comma list of phases to skip: ceilings,correctness,speed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
