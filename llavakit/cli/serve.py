@@ -51,6 +51,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--no-chunked-prefill", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (as vLLM's flag)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "flex"],
+                   help="paged attention: auto = the Triton kernel on CUDA, PyTorch elsewhere")
 
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory=int(args.kv_cache_memory * 2**30) if args.kv_cache_memory else None,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-        enable_chunked_prefill=not args.no_chunked_prefill)
+        enable_chunked_prefill=not args.no_chunked_prefill, cuda_graphs=not args.enforce_eager,
+        attention_backend=args.attention_backend)
     service = Service(load_pipeline(args), engine_cfg, cfg)
     print(f"serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (OpenAI API under /v1; /docs lists "
           "every route)", file=sys.stderr, flush=True)
