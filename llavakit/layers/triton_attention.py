@@ -1,4 +1,4 @@
-"""Paged decode attention as one Triton kernel: the "triton" backend of paged_attention.py.
+"""Paged decode attention in Triton: the "triton" backend of paged_attention.py.
 
 A decode step has one new query per sequence. The torch path gathers every sequence's blocks into a
 padded (S, L) tensor and runs SDPA over it; this kernel instead walks each sequence's block table in
@@ -6,9 +6,11 @@ place and reads only its own `context_len` keys and values, so its shapes never 
 That is what lets the engine capture decode steps in CUDA graphs: the lengths and tables live in device
 tensors, read by the kernel at run time.
 
-One program per (query row, head): it streams the row's context in tiles of BLOCK_N positions with an
-online softmax in float32. Rows with context 0 (a CUDA-graph bucket's padding) write zeros. Steps that
-also hold prefill chunks run the kernel over their decode rows and SDPA (the torch path) over the chunks.
+One program per (query row, head, context split): it streams its part of the row's context in tiles of
+BLOCK_N positions with an online softmax in float32; with several splits a second kernel merges the
+parts (num_splits: enough programs to fill the GPU, and short walks, since each tile waits on memory).
+Rows with context 0 (a CUDA-graph bucket's padding) write zeros. Steps that also hold prefill chunks run
+the kernel over their decode rows and SDPA (the torch path) over the chunks.
 
 Without a GPU, TRITON_INTERPRET=1 runs the same kernel on CPU tensors (slowly); the tests use that when
 triton is installed, and the torch path is the reference either way.
