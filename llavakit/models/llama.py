@@ -89,6 +89,8 @@ def fuse_projections(model: "LlamaModel") -> int:
         groups = [(attn, "qkv_weight", [attn.q_proj, attn.k_proj, attn.v_proj]),
                   (mlp, "gate_up_weight", [mlp.gate_proj, mlp.up_proj])]
         for owner, attr, linears in groups:
+            if getattr(owner, attr) is not None:  # fused by an earlier engine on this model
+                continue
             if all(type(m) is Linear and m.bias is None for m in linears) and \
                     len({m.weight.dtype for m in linears}) == 1:
                 setattr(owner, attr, _fuse(linears))

@@ -305,6 +305,7 @@ def test_fused_projections_give_the_same_outputs_and_keep_the_parameters():
     want = model(x, pos, None, AttentionMetadata())
     names = {n: p.clone() for n, p in model.named_parameters()}
     assert fuse_projections(model) == 4
+    assert fuse_projections(model) == 0  # a second engine on the same model finds them fused
     assert model.layers[0].self_attn.qkv_weight.shape == (H * D + 2 * HKV * D, 32)
     torch.testing.assert_close(model(x, pos, None, AttentionMetadata()), want, atol=1e-6, rtol=1e-6)
     assert {n: p for n, p in model.named_parameters()}.keys() == names.keys()
