@@ -7,7 +7,7 @@ present), through the projector, with linear heads that are then dropped and a r
 features onto a fixed code of those facts. Without it the decoder learnt only the language prior:
 through the language loss alone a from-scratch tower gets too weak a signal. The language stages are
 llavakit's own trainer (`stage="finetune"`, tower frozen, decoder trained, the projector too in the last
-stage) on conversations, from scenes of one shape to scenes of up to four (STAGES).
+two stages) on conversations, from scenes of one shape to scenes of up to four (STAGES).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
     # Up to four, everything; the projector trains too, slowly (LLaVA's finetune stage does the same):
     # the language loss sharpens the features that pick a shape out (lower loss than frozen at equal steps).
     ("stage3", 700, 8e-4, None, 4, 2e-4),
+    # The same again, warmed up anew: boxes and colours keep improving with steps (500 held-out scenes:
+    # grounding 29% -> 39%, colour 65% -> 77%; shape, count and yes/no within 1.5 points).
+    ("stage4", 300, 5e-4, None, 4, 2e-4),
 ]
 BATCH = 32
 VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
