@@ -128,17 +128,16 @@ def check_requests(n_images: int = 3):
 
 
 def run_all(engine: LLMEngine, reqs, params) -> list[list[int]]:
-    for i, (r, p) in enumerate(zip(reqs, params)):
-        engine.add_request(f"c{i}-{time.time()}", r, p)
+    """Every request's generated token ids, in request order."""
+    ids = [f"c{i}-{time.time()}" for i in range(len(reqs))]
+    for rid, r, p in zip(ids, reqs, params):
+        engine.add_request(rid, r, p)
     done = {}
-    order = []
     while engine.has_unfinished():
         for out in engine.step():
-            if out.request_id not in order:
-                order.append(out.request_id)
             if out.finished:
                 done[out.request_id] = out.token_ids
-    return [done[k] for k in sorted(done, key=lambda k: int(k.split("-")[0][1:]))]
+    return [done[rid] for rid in ids]
 
 
 def hf_greedy(hf, pipe, req, n: int) -> list[int]:
