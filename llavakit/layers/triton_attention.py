@@ -121,6 +121,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
+BLOCK_N = 64  # positions per tile of the decode kernel
 MAX_SPLITS = 32
 SPLIT_LEN = 256  # a split walks at most this many positions of the longest possible context
 
@@ -156,7 +157,7 @@ def paged_decode(q: torch.Tensor, cache: KVPages, rows: torch.Tensor, block_tabl
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUPS=h // hkv, BLOCK_SIZE=block_size, HEAD_DIM=d, D_PAD=d_pad,
-        BLOCK_N=64, HAS_WINDOW=window is not None, SPLITS=splits)
+        BLOCK_N=BLOCK_N, HAS_WINDOW=window is not None, SPLITS=splits)
     if splits > 1:
         _jit("_combine_kernel")[(r, h)](ws, rows, out, out.stride(0), out.stride(1), HEAD_DIM=d, D_PAD=d_pad,
                                         SPLITS=splits)
@@ -191,5 +192,5 @@ def triton_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetada
 def _span(meta: PagedAttentionMetadata, window: int | None) -> int:
     """A bound on how many positions one row attends to (captured graphs give the longest possible)."""
     bound = meta.max_context_bound or meta.max_context_len
-    return bound if window is None else min(bound, window + 64)
+    return bound if window is None else min(bound, window + BLOCK_N)  # a window may start mid-tile
 
