@@ -36,6 +36,9 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
     # The same again, warmed up anew: boxes and colours keep improving with steps (500 held-out scenes:
     # grounding 29% -> 39%, colour 65% -> 77%; shape, count and yes/no within 1.5 points).
     ("stage4", 300, 5e-4, None, 4, 2e-4),
+    # Once more (500 held-out scenes: colour 77% -> 86%, grounding 39% -> 51%, follow-ups 60% -> 65%).
+    # Weighting the questions towards the ones that name a shape, projector frozen, did no better.
+    ("stage5", 300, 5e-4, None, 4, 2e-4),
 ]
 BATCH = 32
 VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
