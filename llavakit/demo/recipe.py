@@ -7,7 +7,7 @@ present), through the projector, with linear heads that are then dropped and a r
 features onto a fixed code of those facts. Without it the decoder learnt only the language prior:
 through the language loss alone a from-scratch tower gets too weak a signal. The language stages are
 llavakit's own trainer (`stage="finetune"`, tower frozen, decoder trained, the projector too in the last
-two stages) on conversations, from scenes of one shape to scenes of up to four (STAGES).
+three stages) on conversations, from scenes of one shape to scenes of up to four (STAGES).
 """
 
 from __future__ import annotations
