@@ -122,13 +122,13 @@ def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None, visi
 
 
 def write_dataset(out: Path, n: int, seed: int, turns: tuple[int, int] = (2, 5), kinds=None, weights=None,
-                  max_shapes: int = 4) -> Path:
+                  max_shapes: int = 4, any_canvas: bool = False) -> Path:
     """n scenes as PNG files and a LLaVA-format JSON of conversations about them."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
     for i in tqdm(range(n), desc="scenes", unit="scene", disable=None):
-        scene = random_scene(rng, max_shapes)
+        scene = random_scene(rng, max_shapes, any_canvas)
         name = f"{seed}_{i}.png"
         scene.render().save(out / name)
         qas = conversation(rng, scene, rng.randint(*turns), **({"kinds": kinds, "weights": weights} if kinds else {}))

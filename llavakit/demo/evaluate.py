@@ -75,12 +75,13 @@ class Report:
         return all(self.accuracy(c) >= t for c, t in TARGETS.items())
 
 
-def evaluate(pipe, n: int = 500, seed: int = 10_000, max_new_tokens: int = 40) -> Report:
-    """Ask every graded kind about each of `n` held-out scenes (seeds the training set never uses)."""
+def evaluate(pipe, n: int = 500, seed: int = 10_000, max_new_tokens: int = 40, any_canvas: bool = False) -> Report:
+    """Ask every graded kind about each of `n` held-out scenes (seeds the training set never uses); with
+    `any_canvas` on canvases of any size (random_scene), not only the nine the grade uses."""
     rng = random.Random(seed)
     report = Report()
     for _ in tqdm(range(n), desc="eval", unit="scene", disable=None):
-        scene = random_scene(rng)
+        scene = random_scene(rng, any_canvas=any_canvas)
         image = scene.render()
         for kind in ("color", "shape", "count", "exists", "where", "relation"):
             got = ask(rng, scene, kind)

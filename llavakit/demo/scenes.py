@@ -97,25 +97,34 @@ def _contrast_ok(color: tuple[int, int, int], background) -> bool:
     return all(abs(lum(color) - lum(b)) > 45 or sum(abs(x - y) for x, y in zip(color, b)) > 150 for b in background)
 
 
-def random_scene(rng: random.Random, max_shapes: int = 4) -> Scene:
-    """A canvas of random aspect with 1..max_shapes non-overlapping shapes of distinct (colour, kind)."""
-    w, h = rng.choice(CANVASES)
+def random_scene(rng: random.Random, max_shapes: int = 4, any_canvas: bool = False) -> Scene:
+    """A canvas of random aspect with 1..max_shapes non-overlapping shapes of distinct (colour, kind).
+
+    The canvas is one of CANVASES, or with `any_canvas` any size from 96 to 320 pixels a side at an aspect
+    up to 1.8:1, so that the padding bands the model sees come in every width, not in nine, and shapes
+    span 20-60% of the canvas's short side rather than 24-44%."""
+    if any_canvas:
+        long = rng.randint(96, 320)
+        short = rng.randint(max(64, round(long / 1.8)), long)
+        w, h = (long, short) if rng.random() < 0.5 else (short, long)
+    else:
+        w, h = rng.choice(CANVASES)
     top = rng.choice(BACKGROUNDS)
     background = (top, top) if rng.random() < 0.6 else (top, rng.choice(BACKGROUNDS))
     colors = [c for c, rgb in COLORS.items() if _contrast_ok(rgb, background)]
     shapes: list[Shape] = []
     for _ in range(rng.randint(1, max_shapes)):
         for _attempt in range(40):
-            shape = _random_shape(rng, w, h, colors)
+            shape = _random_shape(rng, w, h, colors, (0.2, 0.6) if any_canvas else (0.24, 0.44))
             if all(_apart(shape.box, s.box) for s in shapes) and all(shape.name != s.name for s in shapes):
                 shapes.append(shape)
                 break
     return Scene(w, h, background, tuple(shapes))
 
 
-def _random_shape(rng: random.Random, w: int, h: int, colors: list[str]) -> Shape:
+def _random_shape(rng: random.Random, w: int, h: int, colors: list[str], span: tuple[float, float]) -> Shape:
     kind = rng.choice(SHAPES)
-    size = rng.randint(int(0.24 * min(w, h)), int(0.44 * min(w, h)))
+    size = rng.randint(int(span[0] * min(w, h)), int(span[1] * min(w, h)))
     bw, bh = size, size
     if kind == "rectangle":
         long, short = size, max(8, int(size / rng.uniform(1.9, 2.5)))
