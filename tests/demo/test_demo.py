@@ -34,6 +34,9 @@ def test_scenes_are_deterministic_and_cover_every_colour_and_shape():
 def test_any_canvas_scenes_come_in_every_size_and_the_standard_ones_do_not_change():
     fixed = [random_scene(random.Random(s)) for s in range(200)]
     assert {(sc.width, sc.height) for sc in fixed} == set(CANVASES)  # the grade's nine canvases, as before
+    spans = [(s.box[2] - s.box[0]) / min(sc.width, sc.height) for sc in fixed for s in sc.shapes
+             if s.kind != "rectangle"]
+    assert 0.2 <= min(spans) < 0.26 and 0.42 < max(spans) <= 0.44  # shapes at 24-44% of the short side
     free = [random_scene(random.Random(s), any_canvas=True) for s in range(200)]
     sizes = {(sc.width, sc.height) for sc in free}
     assert len(sizes) > 150
@@ -43,6 +46,9 @@ def test_any_canvas_scenes_come_in_every_size_and_the_standard_ones_do_not_chang
         for shape in sc.shapes:
             x1, y1, x2, y2 = shape.box
             assert 0 <= x1 < x2 <= sc.width and 0 <= y1 < y2 <= sc.height
+    spans = [(s.box[2] - s.box[0]) / min(sc.width, sc.height) for sc in free for s in sc.shapes
+             if s.kind != "rectangle"]
+    assert min(spans) < 0.23 and max(spans) > 0.5  # 20-60%: bigger and smaller than the grade's shapes
 
 
 def test_questions_use_many_phrasings():
