@@ -56,6 +56,8 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
     ("stage9", 300, 5e-4, None, 4, 2e-4, True),
     ("stage10", 300, 5e-4, None, 4, 2e-4, True),
     ("stage11", 300, 5e-4, None, 4, 2e-4, True),
+    # A twelfth (fp32, 500 grade scenes): count 78% -> 84%, yes/no 71% -> 73%, shape 90% -> 92%.
+    ("stage12", 300, 5e-4, None, 4, 2e-4, True),
 ]
 BATCH = 32
 VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
