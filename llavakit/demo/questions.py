@@ -66,9 +66,12 @@ def _yes(flag: bool) -> str:
     return "Yes." if flag else "No."
 
 
-def ask(rng: random.Random, scene: Scene, kind: str) -> tuple[QA, Shape | None] | None:
+def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0) -> tuple[QA, Shape | None] | None:
     """One question of `kind` about the scene (None when the scene cannot support it), and the shape it
-    is about (for follow-ups)."""
+    is about (for follow-ups). `hard_negatives`: how often an existence question about an absent shape
+    names one that shares its colour or its kind with a shape in the scene ("Is there a red square?" next
+    to a red circle); at 0 (the grade's questions) the name is drawn from all absent ones and the RNG is
+    used exactly as before."""
     shapes = scene.shapes
     if kind == "caption":
         return QA(_phrase(rng, "caption"), caption(scene), "caption"), None
@@ -96,6 +99,10 @@ def ask(rng: random.Random, scene: Scene, kind: str) -> tuple[QA, Shape | None] 
             return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
         present = {s.name for s in shapes}
         absent = [f"{c} {k}" for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
+        if hard_negatives and rng.random() < hard_negatives:
+            near = [f"{c} {k}" for c in COLORS for k in SHAPES
+                    if f"{c} {k}" not in present and any(c == s.color or k == s.kind for s in shapes)]
+            absent = near or absent
         return QA(_phrase(rng, "exists", name=rng.choice(absent)), "No.", "yesno"), None
     if kind == "where":
         s = rng.choice(shapes)
@@ -128,13 +135,13 @@ WEIGHTS = [1, 2, 2, 2, 2, 3, 2]
 
 
 def conversation(rng: random.Random, scene: Scene, turns: int, kinds: list[str] = KINDS,
-                 weights: list[int] = WEIGHTS) -> list[QA]:
+                 weights: list[int] = WEIGHTS, hard_negatives: float = 0.0) -> list[QA]:
     """Up to `turns` questions; a question about one shape may be followed by a follow-up about it."""
     out: list[QA] = []
     tries = 0
     while len(out) < turns and tries < 20:
         tries += 1
-        got = ask(rng, scene, rng.choices(kinds, weights)[0])
+        got = ask(rng, scene, rng.choices(kinds, weights)[0], hard_negatives)
         if got is None:
             continue
         qa, about = got

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -57,6 +59,32 @@ def test_questions_use_many_phrasings():
     for kind in ("color", "count", "where", "exists"):
         used = {p for p in PHRASES[kind] if any(q.startswith(p.split("{")[0]) for q in asked)}
         assert len(used) >= 4, kind
+
+
+def test_hard_negatives_name_absent_shapes_that_share_a_colour_or_kind_and_leave_the_grade_alone():
+    def asked(**kw):
+        rng = random.Random(3)
+        return [(sc, qa) for sc in (random_scene(rng) for _ in range(300))
+                for qa in conversation(rng, sc, 6, **kw)]
+
+    # The grade's questions (hard_negatives=0) are the ones drawn before the option existed.
+    digest = hashlib.sha256(json.dumps([(qa.question, qa.answer) for _, qa in asked()]).encode()).hexdigest()
+    assert digest[:16] == "3d67a2c0da305645"
+
+    def negatives(got):
+        out = []
+        for sc, qa in got:
+            names = [f"{c} {k}" for c in COLORS for k in SHAPES if f" {c} {k}" in qa.question]
+            if qa.category == "yesno" and qa.answer == "No." and len(names) == 1:  # existence, not relations
+                name = names[0]
+                assert name not in {s.name for s in sc.shapes}
+                c, k = name.split()
+                out.append(any(c == s.color or k == s.kind for s in sc.shapes))
+        return out
+
+    plain, hard = negatives(asked()), negatives(asked(hard_negatives=1.0))
+    assert len(plain) > 50 and len(hard) > 50
+    assert all(hard) and sum(plain) / len(plain) < 0.7  # plain draws are mostly far from the scene
 
 
 def test_box_is_in_the_padded_square_frame():
