@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="eval: the checkpoint to grade (default: the built-in one)")
     p.add_argument("-n", "--scenes", type=int, default=500, help="eval/export: held-out scenes to grade or write")
     p.add_argument("--any-canvas", action="store_true", help="eval: scenes on canvases of any size and aspect "
-                   "(96-320 pixels a side), not only the nine sizes of the standard grade")
+                   "(long side 96-320 pixels, up to 1.8:1), not only the nine sizes of the standard grade")
     p.add_argument("--seed", type=int, default=0, help="scene: which scene to draw")
     p.add_argument("--out", type=Path, help="scene: output PNG (default scene.png); export: output directory "
                    "(default demo-bench)")

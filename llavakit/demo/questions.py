@@ -98,12 +98,10 @@ def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0
             s = rng.choice(shapes)
             return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
         present = {s.name for s in shapes}
-        absent = [f"{c} {k}" for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
+        absent = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
         if hard_negatives and rng.random() < hard_negatives:
-            near = [f"{c} {k}" for c in COLORS for k in SHAPES
-                    if f"{c} {k}" not in present and any(c == s.color or k == s.kind for s in shapes)]
-            absent = near or absent
-        return QA(_phrase(rng, "exists", name=rng.choice(absent)), "No.", "yesno"), None
+            absent = [(c, k) for c, k in absent if any(c == s.color or k == s.kind for s in shapes)] or absent
+        return QA(_phrase(rng, "exists", name=" ".join(rng.choice(absent))), "No.", "yesno"), None
     if kind == "where":
         s = rng.choice(shapes)
         box = scene.norm_box(s)

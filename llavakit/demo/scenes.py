@@ -100,8 +100,8 @@ def _contrast_ok(color: tuple[int, int, int], background) -> bool:
 def random_scene(rng: random.Random, max_shapes: int = 4, any_canvas: bool = False) -> Scene:
     """A canvas of random aspect with 1..max_shapes non-overlapping shapes of distinct (colour, kind).
 
-    The canvas is one of CANVASES, or with `any_canvas` any size from 96 to 320 pixels a side at an aspect
-    up to 1.8:1, so that the padding bands the model sees come in every width, not in nine, and shapes
+    The canvas is one of CANVASES, or with `any_canvas` any size with a long side of 96 to 320 pixels and
+    an aspect up to 1.8:1 (the short side at least 64), so that the padding bands the model sees come in every width, not in nine, and shapes
     span 20-60% of the canvas's short side rather than 24-44%."""
     if any_canvas:
         long = rng.randint(96, 320)
