@@ -101,8 +101,8 @@ def random_scene(rng: random.Random, max_shapes: int = 4, any_canvas: bool = Fal
     """A canvas of random aspect with 1..max_shapes non-overlapping shapes of distinct (colour, kind).
 
     The canvas is one of CANVASES, or with `any_canvas` any size with a long side of 96 to 320 pixels and
-    an aspect up to 1.8:1 (the short side at least 64), so that the padding bands the model sees come in every width, not in nine, and shapes
-    span 20-60% of the canvas's short side rather than 24-44%."""
+    an aspect up to 1.8:1 (the short side at least 64), so that the padding bands the model sees come in
+    every width, not in nine, and shapes span 20-60% of the canvas's short side rather than 24-44%."""
     if any_canvas:
         long = rng.randint(96, 320)
         short = rng.randint(max(64, round(long / 1.8)), long)
