@@ -22,14 +22,15 @@ import torch
 import llavakit
 from llavakit.demo.build import write_dataset, write_initial_checkpoint
 from llavakit.demo.evaluate import Report, evaluate
+from llavakit.demo.questions import KINDS
 from llavakit.train.config import make_config
 from llavakit.train.recipe import train
 from llavakit.weights.save import save_llava_hf
 
 PACKAGED = Path(__file__).parent / "model"
 STAGE1_KINDS = (["caption", "color", "shape", "count", "exists", "where"], [1, 2, 2, 1, 2, 2])
-EXISTENCE_KINDS = (["caption", "color", "shape", "count", "exists", "where", "relation"], [1, 2, 2, 2, 6, 3, 2])
-COUNT_KINDS = (["caption", "color", "shape", "count", "exists", "where", "relation"], [1, 2, 2, 6, 6, 3, 2])
+EXISTENCE_KINDS = (KINDS, [1, 2, 2, 2, 6, 3, 2])  # weights in the order of questions.KINDS
+COUNT_KINDS = (KINDS, [1, 2, 2, 6, 6, 3, 2])
 STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per scene at most, projector lr,
     #          canvases of any size rather than the nine of the grade's scenes, hard negatives: see
     #          questions.ask)
