@@ -99,7 +99,8 @@ def train_llavakit(job: dict) -> dict:
     cfg = make_config(stage="finetune", model=job["checkpoint"], data_path=job["data"], image_folder=job["images"],
                       output_dir=job["output"], per_device_train_batch_size=job["batch_size"],
                       max_steps=job["steps"], learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-                      warmup_ratio=0.0, save_steps=job["steps"] + 1, logging_steps=1, seed=SEED, device="cpu")
+                      warmup_ratio=0.0, save_steps=job["steps"] + 1, logging_steps=1, seed=SEED, device="cpu",
+                      micro_batches_by_length=job.get("micro_batches_by_length", 1))
     marks: dict = {}
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if job["profile"] else None
 
@@ -267,7 +268,9 @@ def format_table(med: dict, runs: list[dict], job: dict, spec_note: str) -> str:
     title = f"metric (median of {job['repeats']})"
     head = f"{title:<36}{'llavakit':>12}{'transformers':>14}{'ratio lk/tf':>13}"
     profiled = ", last step profiled, not timed" if job["profile"] else ""
-    setup = (f"batch {job['batch_size']}, {job['steps']} steps ({job['warmup']} warm-up not timed{profiled}), "
+    split = job.get("micro_batches_by_length", 1)
+    split_note = f" (llavakit: as {split} micro-batches by length)" if split > 1 else ""
+    setup = (f"batch {job['batch_size']}{split_note}, {job['steps']} steps ({job['warmup']} warm-up not timed{profiled}), "
              f"~{med['llavakit']['tokens_per_step']:.0f} input tokens/step, {_threads(job['threads'])}")
     lines = [spec_note, setup, head, "-" * len(head)]
     for key, label in METRICS:
@@ -305,6 +308,7 @@ def environment(args: argparse.Namespace, directory: Path) -> dict:
                 cpu=cpu, cores=os.cpu_count(), threads=args.threads, load_average=os.getloadavg(),
                 preset=args.preset, checkpoint=str(directory),
                 checkpoint_bytes=sum(f.stat().st_size for f in weight_files(directory)), samples=args.samples,
+                micro_batches_by_length=args.micro_batches_by_length,
                 batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, learning_rate=LEARNING_RATE)
 
 
@@ -355,6 +359,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timings")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch/OpenMP threads of both sides")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--micro-batches-by-length", type=int, default=1,
+                   help="llavakit runs each batch as this many micro-batches of similar length (same gradient)")
     p.add_argument("--profile", action="store_true", help="profile the last step of each side (not timed)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/llavakit-bench"))
     p.add_argument("--worker", nargs=2, metavar=("TOOL", "JOB"), help=argparse.SUPPRESS)
@@ -374,7 +380,8 @@ def main() -> None:
     data = make_dataset(args.workdir / f"train-data-{args.samples}", args.samples, SEED)
     job = dict(checkpoint=str(directory), data=str(data), images=str(data.parent / "images"),
                output=str(args.workdir / "train-output"), batch_size=args.batch_size, steps=args.steps,
-               warmup=args.warmup, threads=args.threads, profile=args.profile, repeats=args.repeats)
+               warmup=args.warmup, threads=args.threads, profile=args.profile, repeats=args.repeats,
+               micro_batches_by_length=args.micro_batches_by_length)
     runs, rows = run_all(job, args.repeats)
     env = environment(args, directory)
     med = medians(runs)
@@ -383,7 +390,8 @@ def main() -> None:
     table = format_table(med, runs, job, note)
     print(table + (format_profiles(runs) if args.profile else ""))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"train_{args.preset}_cpu-{os.cpu_count()}c_{env['date']}"
+    split = f"_split{args.micro_batches_by_length}" if args.micro_batches_by_length > 1 else ""
+    stem = RESULTS / f"train_{args.preset}{split}_cpu-{os.cpu_count()}c_{env['date']}"
     write_results(stem, env, runs, rows, med, table)
     log(f"wrote {stem}.{{json,csv,png}}")
 

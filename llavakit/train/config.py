@@ -33,6 +33,9 @@ class TrainConfig:
     max_steps: int = -1
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    # Run each device batch as this many micro-batches of rows of similar length: the same rows and the
+    # same gradient (the loss is summed over the step's tokens either way) with less padding.
+    micro_batches_by_length: int = 1
     learning_rate: float = 2e-5
     mm_projector_lr: float | None = None
     mm_vision_tower_lr: float | None = None  # with unfreeze_vision: the tower's own learning rate
@@ -68,6 +71,9 @@ class TrainConfig:
             (self.distributed in ("auto", "ddp", "fsdp"), "distributed must be auto, ddp or fsdp"),
             (self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
              "per_device_train_batch_size and gradient_accumulation_steps must be >= 1"),
+            (1 <= self.micro_batches_by_length <= self.per_device_train_batch_size,
+             f"micro_batches_by_length must be between 1 and per_device_train_batch_size "
+             f"({self.per_device_train_batch_size}), got {self.micro_batches_by_length}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
             (self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps or num_train_epochs > 0"),

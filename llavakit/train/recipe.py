@@ -182,21 +182,35 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
+def split_by_length(rows: list[int], length: Callable[[int], int], pieces: int) -> list[list[int]]:
+    """`rows` sorted by `length` (ties in their order) and cut into `pieces` runs of near-equal size,
+    shortest first; with fewer rows than pieces the last ones are empty."""
+    rows = sorted(rows, key=length)
+    cuts = [round(k * len(rows) / pieces) for k in range(pieces + 1)]
+    return [rows[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
 def _rank_micro_batches(run: Run, epoch: int, first_step: int) -> list[list[int]]:
-    """This rank's micro-batches for the rest of the epoch, `accum` per step, in order."""
+    """This rank's micro-batches for the rest of the epoch, `_micro_per_step` per step, in order."""
     cfg, info = run.cfg, run.info
-    size = cfg.per_device_train_batch_size
+    size, split = cfg.per_device_train_batch_size, cfg.micro_batches_by_length
     out = []
     for batch in run.batches.batches(epoch)[first_step:]:
         chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
         mine = chunks[info.rank::info.world_size]
-        out += mine + [[] for _ in range(cfg.gradient_accumulation_steps - len(mine))]
+        mine += [[] for _ in range(cfg.gradient_accumulation_steps - len(mine))]
+        for chunk in mine:
+            out += split_by_length(chunk, run.dataset.length, split) if split > 1 else [chunk]
     return out
+
+
+def _micro_per_step(cfg: TrainConfig) -> int:
+    return cfg.gradient_accumulation_steps * cfg.micro_batches_by_length
 
 
 def _step_batches(run: Run):
     """(epoch, list of collated micro-batches) for every remaining step."""
-    accum = run.cfg.gradient_accumulation_steps
+    accum = _micro_per_step(run.cfg)
     while run.step < run.total_steps:
         epoch, first = divmod(run.step, run.steps_per_epoch)
         micro = _rank_micro_batches(run, epoch, first)

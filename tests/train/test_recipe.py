@@ -15,7 +15,7 @@ import llavakit
 from llavakit.cli import main
 from llavakit.train import checkpoint as ckpt
 from llavakit.train.config import make_config
-from llavakit.train.recipe import TrainingError, setup, train
+from llavakit.train.recipe import TrainingError, setup, split_by_length, train
 
 COLORS = ["red", "blue", "green", "black", "white", "gray", "pink", "brown"]
 
@@ -218,6 +218,31 @@ def test_gradient_checkpointing_gives_the_same_losses(base, tmp_path):
     plain = [s.loss for s in train(config(base, tmp_path / "a", max_steps=3))]
     checkpointed = [s.loss for s in train(config(base, tmp_path / "b", max_steps=3, gradient_checkpointing=True))]
     assert max(abs(a - b) for a, b in zip(plain, checkpointed)) < 1e-5
+
+
+def test_micro_batches_by_length_give_the_same_losses_and_weights(base, tmp_path):
+    # Rows of three lengths: the split changes how much is padded, never what is learnt.
+    d, data = base
+    rows = json.loads(data.read_text())
+    for i, row in enumerate(rows):
+        row["conversations"][1]["value"] += " It really is." * (i % 3)
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    kw = dict(data_path=str(tmp_path / "data.json"), max_steps=3, per_device_train_batch_size=8)
+    whole = train(config(base, tmp_path / "a", **kw))
+    split = train(config(base, tmp_path / "b", micro_batches_by_length=3, **kw))
+    assert [s.tokens for s in whole] == [s.tokens for s in split]
+    assert max(abs(a.loss - b.loss) for a, b in zip(whole, split)) < 1e-5
+    a = llavakit.load(tmp_path / "a" / "final", dtype="float32", device="cpu").model.state_dict()
+    b = llavakit.load(tmp_path / "b" / "final", dtype="float32", device="cpu").model.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_split_by_length_sorts_and_keeps_every_row():
+    lengths = {10: 5, 11: 1, 12: 9, 13: 1, 14: 3}
+    assert split_by_length([10, 11, 12, 13, 14], lengths.get, 2) == [[11, 13], [14, 10, 12]]
+    assert split_by_length([10, 11], lengths.get, 3) == [[11], [], [10]]
+    with pytest.raises(ValueError, match="micro_batches_by_length must be between 1 and"):
+        make_config(model="m", data_path="d", per_device_train_batch_size=2, micro_batches_by_length=3)
 
 
 def test_bf16_autocast_trains(base, tmp_path):
