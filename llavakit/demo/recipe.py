@@ -82,6 +82,7 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
     ("stage18", 300, 5e-4, COUNT_KINDS, 4, 2e-4, True, 1.0),
 ]
 BATCH = 32
+MICRO_BATCHES = 4  # each batch run as 4 of similar length: same gradient, ~1.3x faster steps here
 VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
 
 
@@ -114,7 +115,7 @@ def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int 
                       freeze_mm_mlp_adapter=projector_lr is None, mm_projector_lr=projector_lr,
                       per_device_train_batch_size=BATCH, max_steps=n_steps,
                       learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, save_steps=10**9, seed=seed,
-                      model_max_length=512))
+                      model_max_length=512, micro_batches_by_length=MICRO_BATCHES))
     return workdir / name / "final"
 
 
