@@ -122,9 +122,10 @@ def write_initial_checkpoint(out: Path, seed: int = 0, feature_layers=None, visi
 
 
 def write_dataset(out: Path, n: int, seed: int, turns: tuple[int, int] = (2, 5), kinds=None, weights=None,
-                  max_shapes: int = 4, any_canvas: bool = False, hard_negatives: float = 0.0) -> Path:
-    """n scenes as PNG files and a LLaVA-format JSON of conversations about them (`hard_negatives`: see
-    questions.ask)."""
+                  max_shapes: int = 4, any_canvas: bool = False, hard_negatives: float = 0.0,
+                  kind_only: float = 0.0) -> Path:
+    """n scenes as PNG files and a LLaVA-format JSON of conversations about them (`hard_negatives`,
+    `kind_only`: see questions.ask)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     rows = []
@@ -133,7 +134,7 @@ def write_dataset(out: Path, n: int, seed: int, turns: tuple[int, int] = (2, 5),
         name = f"{seed}_{i}.png"
         scene.render().save(out / name)
         qas = conversation(rng, scene, rng.randint(*turns), **({"kinds": kinds, "weights": weights} if kinds else {}),
-                           hard_negatives=hard_negatives)
+                           hard_negatives=hard_negatives, kind_only=kind_only)
         turns_json = []
         for k, qa in enumerate(qas):
             turns_json.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + qa.question})

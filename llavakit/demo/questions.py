@@ -66,13 +66,25 @@ def _yes(flag: bool) -> str:
     return "Yes." if flag else "No."
 
 
-def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0) -> tuple[QA, Shape | None] | None:
+def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0,
+        kind_only: float = 0.0) -> tuple[QA, Shape | None] | None:
     """One question of `kind` about the scene (None when the scene cannot support it), and the shape it
     is about (for follow-ups). `hard_negatives`: how often an existence question about an absent shape
     names one that shares its colour or its kind with a shape in the scene ("Is there a red square?" next
     to a red circle); at 0 (the grade's questions) the name is drawn from all absent ones and the RNG is
-    used exactly as before."""
+    used exactly as before. `kind_only` (training only): half the existence questions are about a shape in
+    the scene; of the rest, this share name a kind in the scene in a colour it does not have there ("Is
+    there a green circle?" next to a red circle) when there is one, and the others are drawn as without it."""
     shapes = scene.shapes
+    if kind == "exists" and kind_only:
+        if rng.random() < 0.5:
+            s = rng.choice(shapes)
+            return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
+        present, kinds = {s.name for s in shapes}, {s.kind for s in shapes}
+        if rng.random() < kind_only:
+            pool = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present and k in kinds]
+            if pool:
+                return QA(_phrase(rng, "exists", name=" ".join(rng.choice(pool))), "No.", "yesno"), None
     if kind == "caption":
         return QA(_phrase(rng, "caption"), caption(scene), "caption"), None
     if kind == "color":
@@ -133,13 +145,13 @@ WEIGHTS = [1, 2, 2, 2, 2, 3, 2]
 
 
 def conversation(rng: random.Random, scene: Scene, turns: int, kinds: list[str] = KINDS,
-                 weights: list[int] = WEIGHTS, hard_negatives: float = 0.0) -> list[QA]:
+                 weights: list[int] = WEIGHTS, hard_negatives: float = 0.0, kind_only: float = 0.0) -> list[QA]:
     """Up to `turns` questions; a question about one shape may be followed by a follow-up about it."""
     out: list[QA] = []
     tries = 0
     while len(out) < turns and tries < 20:
         tries += 1
-        got = ask(rng, scene, rng.choices(kinds, weights)[0], hard_negatives)
+        got = ask(rng, scene, rng.choices(kinds, weights)[0], hard_negatives, kind_only)
         if got is None:
             continue
         qa, about = got

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 import llavakit
 from llavakit.demo.evaluate import correct, iou, parse_box
-from llavakit.demo.questions import PHRASES, QA, conversation
+from llavakit.demo.questions import PHRASES, QA, ask, conversation
 from llavakit.demo.scenes import CANVASES, COLORS, SHAPES, draw_shape, random_scene
 from llavakit.processing.image import expand2square
 from llavakit.weights.hub import DEMO_MODEL
@@ -85,6 +85,27 @@ def test_hard_negatives_name_absent_shapes_that_share_a_colour_or_kind_and_leave
     plain, hard = negatives(asked()), negatives(asked(hard_negatives=1.0))
     assert len(plain) > 50 and len(hard) > 50
     assert all(hard) and sum(plain) / len(plain) < 0.7  # plain draws are mostly far from the scene
+
+
+def test_kind_only_names_a_kind_of_the_scene_in_a_colour_it_lacks():
+    def sorts(**kw):
+        rng = random.Random(4)
+        out = {"yes": 0, "kind only": 0, "other": 0}
+        for _ in range(400):
+            scene = random_scene(rng)
+            qa, _ = ask(rng, scene, "exists", **kw)
+            c, k = next((c, k) for c in COLORS for k in SHAPES if f" {c} {k}" in qa.question)
+            present = (c, k) in {(s.color, s.kind) for s in scene.shapes}
+            assert (qa.answer == "Yes.") == present
+            kind_only = not present and k in {s.kind for s in scene.shapes}
+            out["yes" if present else "kind only" if kind_only else "other"] += 1
+        return out
+
+    # Half are about present shapes; 60% of the rest name a kind of the scene in another colour, and the
+    # remaining 40% are drawn as without the option (half present, half sharing the colour or the kind).
+    hard, kind_only = sorts(hard_negatives=1.0), sorts(hard_negatives=1.0, kind_only=0.6)
+    assert 0.55 < kind_only["yes"] / 400 < 0.66 and 0.45 < hard["yes"] / 400 < 0.55
+    assert kind_only["kind only"] / (400 - kind_only["yes"]) > 0.8 > hard["kind only"] / (400 - hard["yes"])
 
 
 def test_box_is_in_the_padded_square_frame():
