@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "the built-in demo model: train it (about 235 minutes on 2 CPU cores) or evaluate it"
+HELP = "the built-in demo model: train it (about 295 minutes on 2 CPU cores) or evaluate it"
 EXAMPLE = """examples:
   llavakit demo eval                           # grade the shipped demo model on 500 held-out scenes
   llavakit demo train --workdir /tmp/demo      # the whole recipe: vision stage, language stages, evaluation
