@@ -184,7 +184,7 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
 
 def split_by_length(rows: list[int], length: Callable[[int], int], pieces: int) -> list[list[int]]:
     """`rows` sorted by `length` (ties in their order) and cut into `pieces` runs of near-equal size,
-    shortest first; with fewer rows than pieces the last ones are empty."""
+    shortest first; with fewer rows than pieces some are empty."""
     rows = sorted(rows, key=length)
     cuts = [round(k * len(rows) / pieces) for k in range(pieces + 1)]
     return [rows[a:b] for a, b in zip(cuts, cuts[1:])]
