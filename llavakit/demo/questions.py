@@ -66,6 +66,11 @@ def _yes(flag: bool) -> str:
     return "Yes." if flag else "No."
 
 
+def _exists_present(rng: random.Random, shapes) -> tuple[QA, Shape]:
+    s = rng.choice(shapes)
+    return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
+
+
 def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0,
         kind_only: float = 0.0) -> tuple[QA, Shape | None] | None:
     """One question of `kind` about the scene (None when the scene cannot support it), and the shape it
@@ -78,8 +83,7 @@ def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0
     shapes = scene.shapes
     if kind == "exists" and kind_only:
         if rng.random() < 0.5:
-            s = rng.choice(shapes)
-            return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
+            return _exists_present(rng, shapes)
         present, kinds = {s.name for s in shapes}, {s.kind for s in shapes}
         if rng.random() < kind_only:
             pool = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present and k in kinds]
@@ -107,8 +111,7 @@ def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0
         return QA(_phrase(rng, "count_kind", kind=k), f"{NUMBER_WORDS[n]}.", "count"), None
     if kind == "exists":
         if rng.random() < 0.5:
-            s = rng.choice(shapes)
-            return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
+            return _exists_present(rng, shapes)
         present = {s.name for s in shapes}
         absent = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
         if hard_negatives and rng.random() < hard_negatives:
