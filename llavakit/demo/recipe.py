@@ -9,6 +9,9 @@ through the language loss alone a from-scratch tower gets too weak a signal. The
 llavakit's own trainer (`stage="finetune"`, tower frozen, decoder trained, the projector too from the
 third stage on) on conversations, from scenes of one shape to scenes of up to four, from stage 9 on, on
 canvases of any size (STAGES).
+
+A run keeps its settings in WORKDIR/recipe.json; `resume=True` (`llavakit demo train --resume`) goes on
+with it: the tower and finished stages are kept, an interrupted stage goes on from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import llavakit
 from llavakit.demo.build import write_dataset, write_initial_checkpoint
 from llavakit.demo.evaluate import Report, evaluate
 from llavakit.demo.questions import KINDS
+from llavakit.train.checkpoint import STATE_FILE, sorted_checkpoints
 from llavakit.train.config import make_config
 from llavakit.train.recipe import train
 from llavakit.weights.save import save_llava_hf
@@ -96,15 +100,32 @@ STAGES = [  # (name, steps at scale 1, learning rate, question kinds, shapes per
 BATCH = 32
 MICRO_BATCHES = 4  # each batch run as 4 of similar length: same gradient, ~1.3x faster steps here
 VISION_STEPS = 3000  # stage 0, the tower alone on dense scene targets (demo/vision.py)
+SAVE_STEPS = 300  # a resumable checkpoint every 300 steps of a language stage (about 6.5 minutes here)
+RUN_FILE = "recipe.json"
 
 
 def train_demo(workdir: Path, scale: float = 1.0, seed: int = 0, eval_scenes: int = 500,
-               install: bool = False) -> tuple[Path, Report | None]:
-    """Build data, train every stage, grade; returns the final checkpoint and the report."""
+               install: bool = False, resume: bool = False) -> tuple[Path, Report | None]:
+    """Build data, train every stage, grade; returns the final checkpoint and the report. `resume`: go on
+    with the run already in `workdir` (same scale and seed) instead of refusing to touch it."""
     workdir = Path(workdir)
-    model = write_initial_checkpoint(workdir / "init", seed=seed, vision_steps=max(2, round(VISION_STEPS * scale)))
+    claim_workdir(workdir, scale, seed, resume)
+    model = workdir / "init"
+    if resume and (model / "config.json").is_file():
+        print(f"stage 0: finished earlier, kept ({model})", flush=True)
+    else:
+        tmp = workdir / "init.tmp"  # written whole, then renamed: an interrupted stage 0 is redone
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_initial_checkpoint(tmp, seed=seed, vision_steps=max(2, round(VISION_STEPS * scale)))
+        shutil.rmtree(model, ignore_errors=True)
+        tmp.rename(model)
     for k in range(len(STAGES)):
-        model = run_stage(workdir, k, model, scale=scale, seed=seed)
+        done = workdir / STAGES[k][0] / "final"
+        if resume and (done / STATE_FILE).is_file():  # the trainer writes final/ whole, then renames it
+            print(f"{STAGES[k][0]}: finished earlier, kept ({done})", flush=True)
+            model = done
+            continue
+        model = run_stage(workdir, k, model, scale=scale, seed=seed, resume=resume)
     report = None
     if eval_scenes:
         report = evaluate(llavakit.load(model, dtype="float32", device="cpu"), n=eval_scenes)
@@ -115,8 +136,34 @@ def train_demo(workdir: Path, scale: float = 1.0, seed: int = 0, eval_scenes: in
     return model, report
 
 
-def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int = 0) -> Path:
-    """Language stage k of STAGES from checkpoint `model`: write its data, train; returns its final model."""
+def claim_workdir(workdir: Path, scale: float, seed: int, resume: bool) -> None:
+    """Record this run's settings in workdir/recipe.json, refusing a workdir that holds something else:
+    another run's work is never overwritten, and a run goes on only with the settings it started with."""
+    settings = {"scale": scale, "seed": seed, "stages": [s[0] for s in STAGES]}
+    record = workdir / RUN_FILE
+    if record.is_file():
+        try:
+            earlier = json.loads(record.read_text())
+        except ValueError:
+            raise ValueError(f"{record} is not valid JSON; remove it or choose another --workdir") from None
+        if not resume:
+            raise ValueError(f"{workdir} already holds a demo run; pass --resume to go on with it, or choose "
+                             f"another --workdir")
+        if earlier != settings:
+            diff = ", ".join(f"{k} {earlier.get(k)!r} (now {v!r})" for k, v in settings.items() if earlier.get(k) != v)
+            raise ValueError(f"{workdir} holds a demo run with other settings: {diff}; resume it with those, or "
+                             f"choose another --workdir")
+        return
+    if workdir.is_dir() and any(workdir.iterdir()):
+        raise ValueError(f"{workdir} is not empty and holds no demo run ({RUN_FILE}); choose an empty or new "
+                         f"--workdir")
+    workdir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings) + "\n")
+
+
+def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int = 0, resume: bool = False) -> Path:
+    """Language stage k of STAGES from checkpoint `model`: write its data, train; returns its final model.
+    `resume`: go on from the stage's last checkpoint when it has one (its data is drawn again, the same)."""
     name, steps, lr, kinds, max_shapes, projector_lr, any_canvas, hard_negatives, *rest = STAGES[k]
     extra = rest[0] if rest else {}
     n_steps = max(2, round(steps * scale))
@@ -128,8 +175,12 @@ def run_stage(workdir: Path, k: int, model: Path, scale: float = 1.0, seed: int 
                       output_dir=str(workdir / name), stage="finetune", unfreeze_vision=False,
                       freeze_mm_mlp_adapter=projector_lr is None, mm_projector_lr=projector_lr,
                       per_device_train_batch_size=BATCH, max_steps=n_steps,
-                      learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, save_steps=10**9, seed=seed,
+                      learning_rate=lr, warmup_ratio=0.03, weight_decay=0.0, seed=seed,
+                      save_steps=SAVE_STEPS, save_total_limit=1,
+                      resume_from_checkpoint="latest" if resume else None,
                       model_max_length=512, micro_batches_by_length=MICRO_BATCHES))
+    for checkpoint in sorted_checkpoints(workdir / name):  # final/ holds the stage now (~50 MB each)
+        shutil.rmtree(checkpoint)
     return workdir / name / "final"
 
 

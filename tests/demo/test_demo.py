@@ -138,6 +138,61 @@ def test_cut_down_recipe_runs(tmp_path, monkeypatch):
     assert (tmp_path / "stage2" / "loss_curve.png").is_file()
 
 
+def test_a_stopped_recipe_goes_on_with_resume_and_keeps_what_it_finished(tmp_path, monkeypatch):
+    from llavakit.demo import recipe
+    from llavakit.train import checkpoint as ckpt
+    from llavakit.train import recipe as trainer
+
+    monkeypatch.setattr(recipe, "STAGES", recipe.STAGES[:3])
+    monkeypatch.setattr(recipe, "VISION_STEPS", 300)
+    monkeypatch.setattr(recipe, "SAVE_STEPS", 2)
+    scale = 0.006  # stages of 2, 2 and 4 steps; a checkpoint every 2 steps
+    real_save, real_restore, killed = trainer.save, ckpt.restore_training_state, []
+
+    def save_then_kill(run, directory):  # the process dies right after stage3's first checkpoint
+        real_save(run, directory)
+        if run.output_dir.name == "stage3" and directory.name.startswith("checkpoint-") and not killed:
+            killed.append(directory.name)
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer, "save", save_then_kill)
+    with pytest.raises(RuntimeError, match="killed"):
+        recipe.train_demo(tmp_path, scale=scale, eval_scenes=0)
+    assert killed == ["checkpoint-2"] and not (tmp_path / "stage3" / "final").exists()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "init" / "model.safetensors",
+                                              tmp_path / "stage2" / "final" / "model.safetensors")}
+
+    with pytest.raises(ValueError, match="--resume"):  # never overwrites a run without being told
+        recipe.train_demo(tmp_path, scale=scale, eval_scenes=0)
+    with pytest.raises(ValueError, match="scale 0.006"):  # goes on only with the settings it started with
+        recipe.train_demo(tmp_path, scale=0.01, eval_scenes=0, resume=True)
+
+    trained, restored = [], []
+    real_train = recipe.train
+    monkeypatch.setattr(recipe, "train", lambda cfg: trained.append(Path(cfg.output_dir).name) or real_train(cfg))
+    monkeypatch.setattr(ckpt, "restore_training_state",
+                        lambda path, *a: restored.append(path.name) or real_restore(path, *a))
+    model, _ = recipe.train_demo(tmp_path, scale=scale, eval_scenes=0, resume=True)
+    assert trained == ["stage3"] and restored == ["checkpoint-2"]  # stages 1-2 kept, stage 3 from its step 2
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    assert model == tmp_path / "stage3" / "final" and (model / ckpt.STATE_FILE).is_file()
+    assert not list((tmp_path / "stage3").glob("checkpoint-*"))  # final/ holds the stage now
+    assert llavakit.load(model, dtype="float32", device="cpu").generate("Count the shapes.", max_new_tokens=2)
+
+
+def test_the_recipe_refuses_a_workdir_that_holds_something_else(tmp_path, capsys):
+    from llavakit.cli import main
+    from llavakit.demo import recipe
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        recipe.train_demo(tmp_path, scale=0.004, eval_scenes=0)
+    assert main(["demo", "train", "--workdir", str(tmp_path), "--scale", "0.004", "-n", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llavakit: error: ") and "not empty" in err and "\n" not in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 shipped = pytest.mark.skipif(not (DEMO_MODEL / "config.json").is_file(), reason="demo model not built")
 
 
