@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 IMAGE_TOKEN_ID = 32000
 VOCAB = 32064
-TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama"
+from llavakit.assets import LLAMA_TOKENIZER_DIR as TOKENIZER_DIR
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 MARKER = "bench_checkpoint.json"
@@ -131,7 +131,7 @@ def preprocessor_config(size: int) -> dict:
 
 
 def save_tokenizer(directory: Path) -> None:
-    """The shared llama tokenizer with the <image> (32000) and <pad> (32001) tokens llava-hf adds."""
+    """The llama tokenizer shipped in the package with the <image> (32000) and <pad> (32001) tokens llava-hf adds."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)

@@ -3,6 +3,9 @@ and memory measurements without downloading a checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from llavakit.assets import LLAMA_TOKENIZER_DIR
 from llavakit.config import ConfigError, ImageConfig, LlavaConfig, TextConfig, VisionConfig
 
 _PINPOINTS_16 = [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]
@@ -15,6 +18,11 @@ _MISTRAL_7B = dict(model_type="mistral", vocab_size=32064, intermediate_size=143
 _YI_34B = dict(vocab_size=64064, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
                num_attention_heads=56, num_key_value_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5,
                eos_token_id=7)
+
+_TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                   patch_size=14)
+_TINY_TEXT = dict(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=2048, rms_norm_eps=1e-5)
 
 PRESETS: dict[str, dict] = {
     "llava-1.5-7b": dict(model_type="llava", text=_VICUNA_7B, vision=_L336, image="pad"),
@@ -34,7 +42,22 @@ PRESETS: dict[str, dict] = {
                         text=dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                   num_attention_heads=8, max_position_embeddings=4096, rms_norm_eps=1e-5),
                         image="pad"),
+    # Tiny models for trying every command in seconds (random weights: the answers are noise): a 2-layer tower at
+    # 28 px (a 2 x 2 patch grid), a 2-layer decoder of 64, the LLaMA vocabulary; "tiny-next" tiles (AnyRes).
+    "tiny": dict(model_type="llava", vision=_TINY_TOWER, text=_TINY_TEXT, image="pad"),
+    "tiny-next": dict(model_type="llava_next", vision=_TINY_TOWER, text=_TINY_TEXT, image="anyres",
+                      pinpoints=[(28, 56), (56, 28), (56, 56)]),
 }
+
+
+# Presets whose text model uses the LLaMA / Vicuna vocabulary: the tokenizer shipped in llavakit.assets fits them.
+LLAMA_VOCAB_PRESETS = ("llava-1.5-7b", "llava-1.5-13b", "llava-v1.6-vicuna-7b", "llava-next-video-7b", "bench-small",
+                       "tiny", "tiny-next")
+
+
+def preset_tokenizer_dir(name: str) -> Path | None:
+    """The shipped LLaMA tokenizer for presets with a LLaMA vocabulary; None for the others (Mistral, Yi)."""
+    return LLAMA_TOKENIZER_DIR if name in LLAMA_VOCAB_PRESETS else None
 
 
 def preset_config(name: str) -> LlavaConfig:
@@ -48,7 +71,7 @@ def preset_config(name: str) -> LlavaConfig:
     vision = VisionConfig(**p["vision"])
     mode = p["image"]
     image = ImageConfig(mode=mode, size=vision.image_size, crop_size=vision.image_size,
-                        pinpoints=_PINPOINTS_16 if mode == "anyres" else [])
+                        pinpoints=p.get("pinpoints", _PINPOINTS_16) if mode == "anyres" else [])
     return LlavaConfig(vision=vision, text=TextConfig.from_dict(text), image=image, model_type=p["model_type"],
                        image_token_id=p.get("image_token_id", 32000), video_token_id=p.get("video_token_id"),
                        patch_merge_type="spatial_unpad" if mode == "anyres" else "flat", name_or_path=name)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama"
+from llavakit.assets import LLAMA_TOKENIZER_DIR
 IMAGE_TOKEN_ID = 32000
 VOCAB = 32064
 TILE = 28  # vision image_size: a 2 x 2 patch grid at patch size 14
@@ -62,7 +62,7 @@ def build_hf_model(model_type: str = "llava", text: dict | None = None, vision: 
 def save_tokenizer(directory: Path, extra_tokens: tuple[str, ...] = ("<image>", "<pad>")) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(LLAMA_TOKENIZER_DIR)
     tok.add_tokens(list(extra_tokens), special_tokens=True)
     if "<pad>" in extra_tokens:
         tok.pad_token = "<pad>"

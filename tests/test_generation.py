@@ -114,8 +114,8 @@ def test_prompt_longer_than_context_is_refused(tiny, image):
         pipe.generate("word " * 600, images=[image])
 
 
-def test_seed_003_prompt_tokenizes_like_the_original(tmp_path):
-    """The example of shared/seeds/003: llava_v1 template, LLaMA tokenizer, -200 where the image goes."""
+def test_walkthrough_prompt_tokenizes_like_the_original(tmp_path):
+    """The LLaVA-NeXT walk-through's example: llava_v1 template, LLaMA tokenizer, -200 where the image goes."""
     hf = build_hf_model("llava")
     d = write_original_checkpoint(hf, tmp_path / "ck", tmp_path / "tower")
     save_tokenizer(d, extra_tokens=())

@@ -163,9 +163,11 @@ def _short_list(names: list[str]) -> str:
 def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
                  std: float = 0.02) -> LlavaForConditionalGeneration:
     """A model with random weights and no checkpoint (load_format="dummy"): built on the meta device,
-    allocated once on `device`, filled with N(0, std) weights, zero biases and unit norms."""
+    allocated once on `device` in `dtype` (never in float32 first), filled with N(0, std) weights, zero biases
+    and unit norms. A model that cannot fit in the memory `device` has free is refused before allocating."""
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(cfg)
+        model = LlavaForConditionalGeneration(cfg).to(dtype)
+    _check_fits(model, dtype, device, cfg.name_or_path)
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -180,3 +182,25 @@ def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, see
         model.lm_head.weight = model.language_model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.to(dtype).eval()
+
+
+def _check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device, name: str) -> None:
+    """Refuse weights larger than the free memory of `device` (CUDA: free device memory; CPU: MemAvailable)."""
+    need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    free = free_memory(device)
+    if free is not None and need > free:
+        half = " pass --dtype bfloat16 (half the memory) or" if dtype == torch.float32 else ""
+        raise ValueError(f"{name} in {str(dtype).removeprefix('torch.')} needs {need / 2**30:.1f} GiB of weights but "
+                          f"{device} has {free / 2**30:.1f} GiB free;{half} use a smaller preset (bench-small)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`, or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,11 +1,12 @@
 """Conversation templates against literal prompts from SPEC section 5, and the image-aware
-tokenization against the ids the original LLaVA printed (seed 003)."""
+tokenization against the ids the original LLaVA printed (LLaVA-NeXT walk-through example)."""
 
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from llavakit.assets import LLAMA_TOKENIZER_DIR
 from llavakit.processing.conversation import (TEMPLATES, add_image_tags, get_template, render,
                                               render_segments)
 from llavakit.processing.tokens import tokenize_with_images
@@ -177,18 +178,15 @@ def test_unknown_template():
         get_template("vicuna_v9")
 
 
-# --- tokenization, against the ids printed by the original LLaVA (seed 003) -------------------------
+# --- tokenization, against the ids printed by the original LLaVA (LLaVA-NeXT walk-through example) -------------------------
 
-LLAMA_DIR = Path("/work/shared/tokenizers/llama")
+LLAMA_DIR = LLAMA_TOKENIZER_DIR  # shipped in the package
 QUESTION = "What are the things I should be cautious about when I visit here?"
 SEED_PROMPT = (LLAVA_SYS + " USER: <image>\n" + QUESTION + " ASSISTANT:")
 SEED_IDS = [1, 319, 13563, 1546, 263, 12758, 5199, 322, 385, 23116, 21082, 20255, 29889, 450, 20255, 4076,
             8444, 29892, 13173, 29892, 322, 1248, 568, 6089, 304, 278, 5199, 29915, 29879, 5155, 29889, 3148,
             1001, 29901, 29871, -200, 29871, 13, 5618, 526, 278, 2712, 306, 881, 367, 274, 1300, 2738, 1048,
             746, 306, 6493, 1244, 29973, 319, 1799, 9047, 13566, 29901]
-
-needs_llama = pytest.mark.skipif(not LLAMA_DIR.is_dir(), reason="LLaMA tokenizer files not available")
-
 
 class SentencePieceTokenizer:
     """The slow (sentencepiece) tokenizer behind the call interface tokenize_with_images uses."""
@@ -216,13 +214,11 @@ def test_seed_prompt_renders():
     assert render(get_template("llava_v1"), messages) == SEED_PROMPT
 
 
-@needs_llama
 @pytest.mark.parametrize("kind", ["fast", "sentencepiece"])
 def test_tokenize_with_images_matches_seed(tokenizers, kind):
     assert tokenize_with_images(tokenizers[kind], SEED_PROMPT) == SEED_IDS
 
 
-@needs_llama
 @pytest.mark.parametrize("kind", ["fast", "sentencepiece"])
 def test_later_chunks_without_bos_give_the_same_ids(tokenizers, kind):
     tok = tokenizers[kind]
@@ -233,7 +229,6 @@ def test_later_chunks_without_bos_give_the_same_ids(tokenizers, kind):
     assert tok(second, add_special_tokens=False).input_ids[:2] == [29871, 13]
 
 
-@needs_llama
 def test_fast_and_slow_differ_on_a_leading_space(tokenizers):
     # tokenizer.json (Metaspace) does not add a second "▁" before text that starts with a space;
     # sentencepiece does. Tokenizing a rendered piece such as " ASSISTANT:" on its own therefore
@@ -245,7 +240,6 @@ def test_fast_and_slow_differ_on_a_leading_space(tokenizers):
         [1, 1244, 29973, 319, 1799, 9047, 13566, 29901]
 
 
-@needs_llama
 def test_empty_chunks_add_nothing(tokenizers):
     tok = tokenizers["fast"]
     caption = "A cat on a mat.\n"
