@@ -223,7 +223,8 @@ class VideoConfig:
 
     def __post_init__(self):
         if self.num_frames < 1:
-            raise ConfigError(f"a video needs at least one frame, got num_frames={self.num_frames}")
+            raise ConfigError(f"a video needs at least one frame, got num_frames {self.num_frames} "
+                              "(CLI: --video-frames)")
         if self.frame.mode != "crop":
             raise ConfigError(f"video frames are square CLIP inputs (mode 'crop'), got mode {self.frame.mode!r}")
 
@@ -327,6 +328,53 @@ class LlavaConfig:
         return read_checkpoint_config(Path(path), vision_tower)
 
 
+# image_aspect_ratio (the original LLaVA config key) -> ImageConfig.mode; "square" is the original code's name for
+# a plain CLIP resize + center crop, kept because training configs copied from LLaVA use it.
+ASPECT_RATIO_MODES = {"pad": "pad", "crop": "crop", "square": "crop", "anyres": "anyres"}
+IMAGE_ASPECT_RATIOS = ("pad", "crop", "anyres")
+ASPECT_RATIO_HELP = ("pad: what LLaVA-1.5 was trained and evaluated with (expand2square); crop: what transformers' "
+                     "llava-hf processor does; anyres: LLaVA-NeXT tiling")
+
+
+def image_mode(aspect: str) -> str:
+    """The ImageConfig.mode an image_aspect_ratio names, or a ConfigError listing the choices."""
+    if aspect not in ASPECT_RATIO_MODES:
+        raise ConfigError(f"image_aspect_ratio {aspect!r} is not one of {', '.join(IMAGE_ASPECT_RATIOS)} "
+                          f"(or square, the same as crop); {ASPECT_RATIO_HELP}")
+    return ASPECT_RATIO_MODES[aspect]
+
+
+def with_image_aspect_ratio(cfg: LlavaConfig, aspect: str | None) -> LlavaConfig:
+    """`cfg` with its image processing overridden by `aspect` (pad, crop, anyres, square = crop); None keeps
+    what the checkpoint's files say. Video frames are unaffected (always a plain crop).
+
+    Why: llava-hf LLaVA-1.5 repos ship a CLIPImageProcessor (crop), though LLaVA-1.5 was trained and evaluated
+    with expand2square padding; "pad" restores that. anyres needs a LLaVA-NeXT checkpoint (llava_next: trained
+    tiles, image_grid_pinpoints, an image_newline) and is refused on LLaVA-1.5. pad or crop on a NeXT checkpoint
+    gives one base view (padded or center-cropped) instead of the tiles, followed by the image_newline: what the
+    original LLaVA-NeXT code does with image_aspect_ratio pad / square. It is consistent (the token count and the
+    model's feature merge agree) and cheap (577 image tokens instead of up to 2928 for LLaVA-1.6-7B), but not how
+    NeXT was trained: expect worse answers on detail."""
+    if aspect is None:
+        return cfg
+    mode = image_mode(aspect)
+    if mode == "anyres":
+        _check_anyres(cfg)
+    return dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, mode=mode))
+
+
+def _check_anyres(cfg: LlavaConfig) -> None:
+    """AnyRes tiling needs a model trained on tiles: a NeXT model type with grid pinpoints."""
+    name = cfg.name_or_path or "this checkpoint"
+    if cfg.model_type == "llava":
+        raise ConfigError(f"image_aspect_ratio 'anyres' needs a LLaVA-NeXT checkpoint (llava_next: "
+                          f"image_grid_pinpoints and an image_newline); {name} is a LLaVA-1.5 (llava) checkpoint: "
+                          "use pad (what LLaVA-1.5 was trained with) or crop")
+    if not cfg.image.pinpoints:
+        raise ConfigError(f"image_aspect_ratio 'anyres' needs image_grid_pinpoints, which {name} does not have; "
+                          "add them to its config.json or use pad or crop")
+
+
 def parse_pinpoints(value: Any, tile: int) -> list[tuple[int, int]]:
     """image_grid_pinpoints as a list of [h, w] pairs or a string "(1x1),...,(3x3)" meaning grids."""
     if value is None:
@@ -353,8 +401,9 @@ def load_json(path: Path) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class EngineConfig:
-    """Continuous-batching engine limits. `num_kv_blocks` None: sized from `kv_cache_memory` (bytes) or, on
-    CUDA, from gpu_memory_utilization of the free memory."""
+    """Continuous-batching engine limits. `num_kv_blocks` None: sized from `kv_cache_memory` (bytes), on
+    CUDA from gpu_memory_utilization of the free memory, elsewhere (CPU) to what max_num_seqs sequences of
+    max_model_len tokens need (ceil(max_model_len / block_size) blocks each), at most 4 GiB."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 4096

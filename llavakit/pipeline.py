@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from llavakit.config import LlavaConfig, VideoConfig
+from llavakit.config import LlavaConfig, VideoConfig, with_image_aspect_ratio
 from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.conversation import get_template
@@ -43,7 +43,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device='cpu'")
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu' "
+                         "(CLI: --device cpu)")
     return device
 
 
@@ -59,7 +60,8 @@ def load_tokenizer(directory: Path) -> Any:
 def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
          *, vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
          fetch_policy: FetchPolicy | None = None, load_format: str = "auto",
-         tokenizer: str | Path | None = None, num_frames: int | None = None) -> "Pipeline":
+         tokenizer: str | Path | None = None, num_frames: int | None = None,
+         image_aspect_ratio: str | None = None) -> "Pipeline":
     """Load a LLaVA checkpoint (directory, hub id, alias, or "demo": the built-in model) in any layout.
 
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
@@ -68,26 +70,33 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
     (llavakit.presets) and the weights are random, for speed and memory measurements; `tokenizer` is then
     required: a tokenizer directory matching the preset's vocabulary (e.g. a LLaMA tokenizer).
     num_frames: frames sampled from each video (default: the checkpoint's, else 32).
+    image_aspect_ratio: override how images are preprocessed (default None: what the checkpoint's files say):
+    "pad" is what LLaVA-1.5 was trained and evaluated with (expand2square; llava-hf 1.5 repos ship a CLIP
+    processor, so they crop unless told), "crop" what transformers' llava-hf processor does, "anyres"
+    LLaVA-NeXT tiling (NeXT checkpoints only). pad / crop on a NeXT checkpoint give one view + image_newline
+    instead of tiles (see llavakit.config.with_image_aspect_ratio).
     """
     if load_format == "dummy":
-        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames)
+        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames, image_aspect_ratio)
     directory = resolve_model_dir(model, revision)
     processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy,
-                               num_frames=num_frames)
+                               num_frames=num_frames, image_aspect_ratio=image_aspect_ratio)
     dev = resolve_device(device)
     net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev)
     return Pipeline(net, processor)
 
 
-def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames) -> "Pipeline":
-    from llavakit.presets import preset_config
+def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames,
+                image_aspect_ratio: str | None = None) -> "Pipeline":
+    from llavakit.presets import preset_config, preset_tokenizer_dir
     from llavakit.weights.loader import random_llava
 
-    cfg = preset_config(preset)
+    cfg = with_image_aspect_ratio(preset_config(preset), image_aspect_ratio)
     cfg.video = _with_frames(cfg.video, num_frames)
+    tokenizer_dir = tokenizer_dir or preset_tokenizer_dir(preset)
     if tokenizer_dir is None:
-        raise ValueError("load_format='dummy' needs tokenizer= (a tokenizer directory whose vocabulary fits the "
-                         f"preset's {cfg.text.vocab_size} tokens)")
+        raise ValueError(f"the {preset} preset needs a tokenizer whose vocabulary fits its {cfg.text.vocab_size} "
+                         "tokens: pass tokenizer= (CLI: --tokenizer DIR), e.g. that model's tokenizer directory")
     dev = resolve_device(device)
     tok = load_tokenizer(Path(tokenizer_dir))
     template = get_template(conv_mode or default_template_name(cfg, tok))
@@ -95,9 +104,12 @@ def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames
 
 
 def load_processor(directory: Path, *, vision_tower: str | Path | None = None, conv_mode: str | None = None,
-                   fetch_policy: FetchPolicy | None = None, num_frames: int | None = None) -> PromptProcessor:
-    """Config, tokenizer and template of a checkpoint directory, without its weights."""
-    cfg = LlavaConfig.from_pretrained(directory, vision_tower=vision_tower)
+                   fetch_policy: FetchPolicy | None = None, num_frames: int | None = None,
+                   image_aspect_ratio: str | None = None) -> PromptProcessor:
+    """Config, tokenizer and template of a checkpoint directory, without its weights; image_aspect_ratio
+    overrides the image processing its files name (see `load`)."""
+    cfg = with_image_aspect_ratio(LlavaConfig.from_pretrained(directory, vision_tower=vision_tower),
+                                  image_aspect_ratio)
     cfg.video = _with_frames(cfg.video, num_frames)
     tokenizer = load_tokenizer(directory)
     template = get_template(conv_mode or default_template_name(cfg, tokenizer))

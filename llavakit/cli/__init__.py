@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llavakit import __version__
 from llavakit.cli import (
     bench,
     chat,
@@ -18,10 +19,11 @@ from llavakit.cli import (
     merge_lora,
     predict,
     prompt,
+    random_checkpoint,
     serve,
     train,
 )
-from llavakit.cli.common import USER_ERRORS, CliError
+from llavakit.cli.common import USER_ERRORS, CliError, HelpFormatter, UsageError
 
 EPILOG = """examples:
   llavakit chat --model llava-hf/llava-1.5-7b-hf --image photo.jpg
@@ -35,17 +37,19 @@ EPILOG = """examples:
 
 SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt, "train": train,
                "merge-lora": merge_lora, "demo": demo, "bench": bench, "eval": evaluation, "ground": ground,
-               "serve": serve}
+               "serve": serve, "random-checkpoint": random_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavakit", description="LLaVA-family vision-language models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"llavakit {__version__}",
+                        help="print llavakit's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=module.HELP, description=module.HELP, epilog=module.EXAMPLE,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         module.add_arguments(p)
         p.set_defaults(handler=module.run)
@@ -62,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, *USER_ERRORS) as e:
         if args.debug:
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"llavakit: error: {message}", file=sys.stderr)
-        return 1
+        print(f"llavakit: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+
+
+def error_line(e: BaseException) -> str:
+    """The one line an error is reported as: its message's first line; a KeyError says which key is missing
+    (its own text is only the key's repr), an error without a message says what kind it is."""
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return f"missing key {e.args[0]!r}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

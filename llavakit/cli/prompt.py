@@ -7,7 +7,7 @@ import itertools
 
 from PIL import Image
 
-from llavakit.cli.common import add_model_flags, template_override
+from llavakit.cli.common import add_model_flags, set_threads, template_override
 from llavakit.pipeline import load_processor
 from llavakit.weights.hub import resolve_alias, resolve_model_dir
 
@@ -45,8 +45,10 @@ def _compact(tokenizer, ids: list[int], image_id: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads(args)
     processor = load_processor(resolve_model_dir(resolve_alias(args.model), args.revision),
-                               vision_tower=args.vision_tower, conv_mode=template_override(args))
+                               vision_tower=args.vision_tower, conv_mode=template_override(args),
+                               image_aspect_ratio=args.image_aspect_ratio)
     images = args.images or _placeholders(1 if args.num_images is None else args.num_images,
                                           processor.cfg.image.crop_size)
     text = processor.render_prompt(args.question, len(images), "raw" if args.conv_mode == "raw" else None)

@@ -248,7 +248,13 @@ def _placeholder_runs(ids: list[int], token_id: int | None, items: list[Media], 
 
 
 class LLM:
-    """Offline batches: `LLM(model).generate(requests, sampling_params)` -> outputs in request order."""
+    """Offline batches: `LLM(model).generate(requests, sampling_params)` -> outputs in request order.
+
+    The keywords past the engine's limits go to `llavakit.load`: vision_tower, conv_mode, revision, load_format,
+    tokenizer, num_frames, fetch_policy and image_aspect_ratio ("pad": LLaVA-1.5's expand2square, what it was
+    trained and evaluated with; "crop": what transformers' llava-hf processor does; "anyres": LLaVA-NeXT tiling;
+    default None: what the checkpoint's files say).
+    """
 
     def __init__(self, model: str = "demo", dtype: str = "auto", device: str = "auto", *,
                  max_model_len: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 4096,

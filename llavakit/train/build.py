@@ -8,14 +8,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llavakit.config import ConfigError, ImageConfig, LlavaConfig, TextConfig, VisionConfig, load_json
+from llavakit.config import (ConfigError, ImageConfig, LlavaConfig, TextConfig, VisionConfig, load_json,
+                             with_image_aspect_ratio)
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.pipeline import load_processor, load_tokenizer
 from llavakit.processing.conversation import get_template
@@ -24,28 +24,28 @@ from llavakit.train.config import TrainConfig
 from llavakit.weights.hub import resolve_model_dir
 from llavakit.weights.loader import load_llava, load_parts
 
-_ASPECT_TO_MODE = {"pad": "pad", "anyres": "anyres", "square": "crop", "crop": "crop"}
-
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LlavaForConditionalGeneration, PromptProcessor, Path]:
     """(fp32 model, prompt processor, source directory) for the configured stage."""
     if cfg.stage == "pretrain":
         return build_from_parts(resolve_model_dir(cfg.model), cfg, device)
     directory = resolve_model_dir(cfg.model)
-    processor = load_processor(directory, vision_tower=cfg.vision_tower, conv_mode=cfg.template_name)
+    processor = load_processor(directory, vision_tower=cfg.vision_tower, conv_mode=cfg.template_name,
+                               image_aspect_ratio=cfg.image_aspect_ratio)
     if processor.cfg.layout == "original":
         raise ConfigError("training starts from llava-hf checkpoints; convert this original-layout checkpoint "
                           "first (llavakit.weights.save.save_llava_hf) or train from its llava-hf version")
-    _override_image_mode(processor.cfg, cfg.image_aspect_ratio)
+    _check_saveable(processor.cfg, cfg.image_aspect_ratio)
     return load_llava(processor.cfg, directory, torch.float32, device), processor, directory
 
 
-def _override_image_mode(model_cfg: LlavaConfig, aspect: str | None) -> None:
-    if aspect is None:
-        return
-    if aspect not in _ASPECT_TO_MODE:
-        raise ConfigError(f"image_aspect_ratio must be pad, anyres or square, got {aspect!r}")
-    model_cfg.image = dataclasses.replace(model_cfg.image, mode=_ASPECT_TO_MODE[aspect])
+def _check_saveable(model_cfg: LlavaConfig, aspect: str | None) -> None:
+    """Refuse before training what could not be saved after it: training writes llava-hf checkpoints, whose
+    LLaVA-NeXT processor always tiles, so a NeXT model cannot keep a pad or crop override."""
+    if aspect is not None and model_cfg.model_type != "llava" and model_cfg.image.mode != "anyres":
+        raise ConfigError(f"image_aspect_ratio {aspect!r} on a {model_cfg.model_type} checkpoint cannot be trained: "
+                          "the llava-hf checkpoints training saves tie LLaVA-NeXT to anyres tiling; "
+                          "leave image_aspect_ratio unset or use anyres")
 
 
 def build_from_parts(llm_dir: Path, cfg: TrainConfig, device: torch.device):
@@ -62,10 +62,10 @@ def build_from_parts(llm_dir: Path, cfg: TrainConfig, device: torch.device):
     vision = VisionConfig.from_dict(load_json(clip_dir / "config.json"))
     preproc = load_json(clip_dir / "preprocessor_config.json") if (clip_dir / "preprocessor_config.json").is_file() else {}
     size = (preproc.get("crop_size") or {}).get("height", vision.image_size)
-    mode = _ASPECT_TO_MODE.get(cfg.image_aspect_ratio or "pad")
-    model_cfg = LlavaConfig(vision=vision, text=text, image=ImageConfig(mode=mode, size=size, crop_size=size),
+    model_cfg = LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=size, crop_size=size),
                             model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             name_or_path=str(llm_dir))
+    model_cfg = with_image_aspect_ratio(model_cfg, cfg.image_aspect_ratio)  # a LLaVA-1.5 model: pad or crop
     old_vocab = raw.get("vocab_size", text.vocab_size)
     loaders = {"language_model.embed_tokens.weight": _grow_rows(old_vocab)}
     if not text.tie_word_embeddings:
