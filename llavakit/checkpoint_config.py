@@ -143,5 +143,5 @@ def resolve_vision_tower(name: str | None, explicit: str | Path | None = None) -
 
 def vision_tower_missing_message(name: str | None) -> str:
     return (f"this original-layout LLaVA checkpoint needs the vision tower {name!r}, which is not in the "
-            f"checkpoint and not in the Hugging Face cache; download it (huggingface-cli download {name}) "
+            f"checkpoint and not in the Hugging Face cache; download it (hf download {name}) "
             "or pass its local directory as vision_tower= (CLI: --vision-tower DIR)")

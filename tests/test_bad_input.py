@@ -84,7 +84,7 @@ def test_missing_directory(tmp_path):
 def test_missing_directory_that_looks_like_a_hub_id(monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # never touch the network
     _raises(WeightsError, r"model 'no-such-org/no-such-model' is not a local directory and could not be fetched"
-                          r".*huggingface-cli download no-such-org/no-such-model", _load, "no-such-org/no-such-model")
+                          r".*hf download no-such-org/no-such-model", _load, "no-such-org/no-such-model")
 
 
 def test_directory_without_config(base, tmp_path):

@@ -138,12 +138,11 @@ def test_predict_chunks_cover_the_questions(ckpt, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "is not a directory and not a hub id"),
-    (["generate", "--model", "no-org/no-model", "--prompt", "hi"], "huggingface-cli download no-org/no-model"),
+    (["generate", "--model", "no-org/no-model", "--prompt", "hi"], "hf download no-org/no-model"),
     (["generate", "--model", "{d}", "--image", "{d}/config.json", "--prompt", "hi"], "could not be decoded"),
     (["generate", "--model", "{d}", "--image", "/no/such.png", "--prompt", "hi"], "/no/such.png"),
     (["generate", "--model", "{d}", "--image", "file:///etc/passwd", "--prompt", "hi"], "scheme .file. is not supported"),
     (["generate", "--model", "{d}", "--conv-mode", "nonsense", "--prompt", "hi"], "unknown.*nonsense|nonsense.*known"),
-    (["generate", "--model", "{d}", "--temperature", "-1", "--prompt", "hi"], "temperature must be >= 0"),
     (["generate", "--model", "{d}", "--conv-mode", "raw", "--image", "{img}", "--prompt", "no tag"], "0 <image> tags"),
     (["predict", "--model", "{d}", "--questions", "/no/q.jsonl", "--answers", "{tmp}/a.jsonl"], "does not exist"),
     (["predict", "--model", "{d}", "--questions", "{d}/config.json", "--answers", "{tmp}/a.jsonl", "--num-chunks",
@@ -202,3 +201,12 @@ def test_no_model_means_the_demo_model(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "demo model is not installed" in err and "--model" in err
+
+
+@pytest.mark.parametrize("command", [["chat"], ["generate"], ["prompt"], ["predict"], ["ground"], ["serve"], ["bench"],
+                                     ["train"], ["merge-lora"], ["demo", "train"], ["demo", "eval"],
+                                     ["eval", "clip-score"], ["eval", "compare"]])
+def test_every_model_loading_command_takes_threads(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0 and "--threads N" in capsys.readouterr().out

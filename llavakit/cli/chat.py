@@ -1,7 +1,8 @@
 """`llavakit chat`: a multi-round conversation about an image, answers streamed as they are produced.
 
 At a terminal it prompts with "USER: "; with piped stdin it reads one question per line, so it can be
-scripted. Commands: /image PATH switches the image (and starts over), /reset starts over, /save FILE
+scripted. Either way a bad line (an unreadable /image, a failed /save) prints one error line and the chat
+goes on with the next. Commands: /image PATH switches the image (and starts over), /reset starts over, /save FILE
 writes the conversation as JSON, Ctrl-D (end of input) exits.
 """
 
@@ -12,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from llavakit.cli.checks import check_images, check_videos, number
 from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
 HELP = "chat about an image, several rounds, answers streamed"
@@ -32,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the image to talk about (repeatable for several images)")
     p.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH_OR_URL",
                    help="a video to talk about (repeatable; LLaVA-NeXT-Video checkpoints)")
-    p.add_argument("--video-frames", type=int, metavar="N",
+    p.add_argument("--video-frames", type=number(int, 1), metavar="N",
                    help="frames sampled uniformly from each video (default: the checkpoint's, else 32)")
     add_sampling_flags(p)
 
@@ -40,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class ChatSession:
     """The conversation state: images, messages, and the commands that change them."""
 
-    def __init__(self, pipe, images: list[str], sampling: dict, out=sys.stdout, videos: list[str] = ()):
-        self.pipe, self.sampling, self.out = pipe, sampling, out
+    def __init__(self, pipe, images: list[str], sampling: dict, out=None, videos: list[str] = ()):
+        self.pipe, self.sampling, self.out = pipe, sampling, out or sys.stdout  # stdout as it is now, not at import
         self.images, self.videos = list(images), list(videos)
         # Decoded once: a video costs far more to read than an image, and every turn would read it again.
         self.clips = pipe.processor.prepare_videos(self.videos)
@@ -68,7 +70,10 @@ class ChatSession:
             record = {"model": str(self.pipe.config.name_or_path), "template": self.pipe.template.name,
                       "images": [str(i) for i in self.images], "videos": [str(v) for v in self.videos],
                       "messages": self.messages}
-            Path(arg).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            try:
+                Path(arg).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            except OSError as e:
+                raise ValueError(f"/save {arg}: cannot write it ({e.strerror or e}); pick another file") from None
             self.note(f"saved to {arg}")
         else:
             self.note("commands: /image PATH, /reset, /save FILE; Ctrl-D exits")
@@ -102,9 +107,11 @@ def _lines(interactive: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    check_images(args.images)  # a bad image or video fails before the model loads
+    check_videos(args.videos)
     pipe = load_pipeline(args)
     if args.images:
-        pipe.processor.prepare_images(args.images)  # a bad image fails before the first question
+        pipe.processor.prepare_images(args.images)  # and one the model cannot take, before the first question
     session = ChatSession(pipe, args.images, sampling_kwargs(args), videos=args.videos)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -112,8 +119,6 @@ def run(args: argparse.Namespace) -> int:
     for line in _lines(interactive):
         try:
             session.handle(line)
-        except ValueError as e:  # a bad image or command: say so and keep chatting
-            print(f"llavakit: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            if not interactive:
-                return 1
+        except (ValueError, OSError) as e:  # a bad image, command or /save path: say so and go on, piped or not
+            print(f"llavakit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
     return 0

@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from llavakit.cli.common import CliError
+from llavakit.cli.checks import check_output, number
+from llavakit.cli.common import CliError, HelpFormatter, add_threads_flag, set_threads
+from llavakit.eval.scorers import TASKS
 
 HELP = "score answers on a benchmark, CLIP-score captions, or compare two caption sets"
 EXAMPLE = """examples:
@@ -28,8 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                "compare": (_add_compare_arguments, run_compare,
                            "paired CLIP-score difference of two caption sets, with a bootstrap interval")}
     for name, (add, handler, help_text) in actions.items():
-        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLE,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLE, formatter_class=HelpFormatter)
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         add(s)
         s.set_defaults(eval_handler=handler)
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add_score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, help="vqav2, textvqa, vizwiz, gqa, pope, mme, mmbench, scienceqa, seed")
+    p.add_argument("--task", required=True, choices=list(TASKS), help="the benchmark whose scoring rule applies")
     p.add_argument("--answers", required=True, type=Path, help="answers JSONL (llavakit predict's format)")
     p.add_argument("--annotations", required=True, type=Path, help="the benchmark's annotation file")
     p.add_argument("--json", action="store_true", help="print the result as JSON (with a top-level 'score')")
@@ -50,6 +51,8 @@ def _add_score_arguments(p: argparse.ArgumentParser) -> None:
 def run_score(args: argparse.Namespace) -> int:
     from llavakit.eval.scorers import format_table, score
 
+    if args.out:
+        check_output(args.out, "--out")
     result = score(args.task, args.answers, args.annotations)
     text = json.dumps(result, indent=1, ensure_ascii=False)
     if args.out:
@@ -60,6 +63,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def _add_judge_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("CLIP judge" + ("" if required else " (only to score answers files)"))
+    add_threads_flag(g)
     g.add_argument("--clip-model", type=Path, required=required, metavar="PATH",
                    help="open_clip checkpoint: a folder with open_clip_config.json + weights, or a weights file")
     g.add_argument("--clip-arch", metavar="NAME", help="architecture when the checkpoint has no open_clip_config.json: "
@@ -71,7 +75,7 @@ def _add_judge_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                    help="folder the captions' image names are relative to")
     g.add_argument("--questions", type=Path, metavar="FILE",
                    help="question file mapping question_id -> image, for answers without an 'image' field")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=number(int, 1), default=32, help="images or captions per CLIP forward pass")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
@@ -87,9 +91,9 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", type=Path, metavar="A", help="answers file or per-item score file (the baseline)")
     p.add_argument("b", type=Path, metavar="B", help="answers file or per-item score file (the candidate)")
     _add_judge_arguments(p, required=False)
-    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--resamples", type=number(int, 1), default=10_000, help="bootstrap resamples")
+    p.add_argument("--confidence", type=number(float, above=0, below=1), default=0.95, help="interval level")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--output", type=Path, metavar="FILE", help="write per-pair scores and differences here (JSONL)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="draw the per-image differences with the interval")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -110,8 +114,6 @@ def _judge(args: argparse.Namespace):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CliError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size must be at least 1, got {args.batch_size}")
     print(f"loading CLIP judge {args.clip_model} ...", file=sys.stderr, flush=True)
     return load_judge(args.clip_model, args.clip_arch, args.clip_tokenizer, device)
 
@@ -141,9 +143,12 @@ def _score(args: argparse.Namespace, judge, items, skipped: int, cache: dict) ->
 
 
 def run_clip_score(args: argparse.Namespace) -> int:
+    set_threads(args)
     from llavakit.eval.clip_score import summarize, write_jsonl
     from llavakit.eval.scorers import format_table
 
+    if args.output:
+        check_output(args.output, "--output", makedirs=True)
     items, skipped = _items(args, args.answers)
     rows, skipped = _score(args, _judge(args), items, skipped, {})
     summary = summarize(rows, skipped)
@@ -173,6 +178,7 @@ def _scores(args: argparse.Namespace, paths: list[Path]) -> list[dict[str, dict]
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    set_threads(args)
     from llavakit.eval.clip_score import write_jsonl
     from llavakit.eval.compare import (
         compare_scores,
@@ -180,6 +186,10 @@ def run_compare(args: argparse.Namespace) -> int:
         plot_differences,
     )
 
+    if args.output:
+        check_output(args.output, "--output", makedirs=True)
+    if args.plot:
+        check_output(args.plot, "--plot")
     scores_a, scores_b = _scores(args, [args.a, args.b])
     summary, pairs = compare_scores(scores_a, scores_b, args.resamples, args.confidence, args.seed)
     result = {"a": str(args.a), "b": str(args.b), **summary}

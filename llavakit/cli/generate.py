@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from llavakit.cli.checks import check_images, check_videos, number
 from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
 HELP = "answer one prompt about one or more images or videos"
@@ -24,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image file, http(s) URL or data: URL (repeatable, in prompt order)")
     p.add_argument("--video", dest="videos", action="append", default=[], metavar="PATH_OR_URL",
                    help="video file, http(s) URL or data: URL (repeatable; LLaVA-NeXT-Video checkpoints)")
-    p.add_argument("--video-frames", type=int, metavar="N",
+    p.add_argument("--video-frames", type=number(int, 1), metavar="N",
                    help="frames sampled uniformly from each video (default: the checkpoint's, else 32)")
     p.add_argument("--prompt", "--query", dest="prompt", required=True,
                    help="the question; <image> / <video> in it mark where each image / video goes (else they "
@@ -34,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_images(args.images)  # a bad image or video fails before the model loads
+    check_videos(args.videos)
     start = time.perf_counter()
     pipe = load_pipeline(args)
     load_ms = (time.perf_counter() - start) * 1e3

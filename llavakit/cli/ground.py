@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+from llavakit.cli.checks import check_images, check_output
+from llavakit.cli.common import CliError, add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
 
 HELP = "ask where something is in an image and write a PNG with the boxes drawn"
 EXAMPLE = """examples:
@@ -26,10 +27,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llavakit.eval.grounding import ground
 
+    check_images([args.image])
+    check_output(args.out, "--out")
     pipe = load_pipeline(args)
     kwargs = sampling_kwargs(args)
     text, boxes, drawn = ground(pipe, args.image, args.query, **kwargs)
-    drawn.save(args.out)
     print(text)
+    if not boxes:
+        quoted = text.strip() if len(text.strip()) <= 80 else text.strip()[:77] + "..."
+        raise CliError(f"no box found: the answer {quoted!r} has no [x1, y1, x2, y2]; nothing was drawn and "
+                       f"{args.out} was not written (ask where something is, e.g. --query 'Where is the bus?')")
+    drawn.save(args.out)
     print(f"{len(boxes)} box(es) drawn to {args.out}: {[tuple(round(v) for v in b) for b in boxes]}", file=sys.stderr)
     return 0

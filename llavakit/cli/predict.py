@@ -17,9 +17,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from llavakit.cli.checks import check_output, make_parent
 from llavakit.cli.common import CliError, add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+from llavakit.datafiles import parse_jsonl, read_text
+from llavakit.eval.answers import ANSWERS_FORMAT
 
 HELP = "answer a question file (model_vqa JSONL format), resumable, chunkable"
+QUESTIONS_FORMAT = "a model_vqa question file: one {\"question_id\", \"text\", optional \"image\"} object per line"
 
 # What LLaVA's evaluation scripts append to each benchmark's questions.
 _SHORT = "Answer the question using a single word or phrase."
@@ -39,9 +43,11 @@ EXAMPLE = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
-    p.add_argument("--questions", "--question-file", dest="questions", required=True, type=Path)
+    p.add_argument("--questions", "--question-file", dest="questions", required=True, type=Path, metavar="FILE",
+                   help="question file: one {\"question_id\", \"text\", optional \"image\"} object per line")
     p.add_argument("--image-folder", type=Path, default=Path("."), help="where the questions' images are")
-    p.add_argument("--answers", "--answers-file", dest="answers", required=True, type=Path)
+    p.add_argument("--answers", "--answers-file", dest="answers", required=True, type=Path, metavar="FILE",
+                   help="answers JSONL, appended to: ids already in it are skipped (its folder is created)")
     p.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many chunks")
     p.add_argument("--chunk-idx", type=int, default=0, help="which chunk this run answers (0-based)")
     p.add_argument("--model-id", help="model_id written to each answer (default: the model's name)")
@@ -54,10 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def read_questions(path: Path) -> tuple[list[dict], list[str]]:
     """Rows that parse, and a message for each line that does not."""
-    if not path.is_file():
-        raise CliError(f"question file {path} does not exist")
+    if not path.exists():
+        raise CliError(f"question file {path} (--questions) does not exist")
     rows, problems = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(read_text(path, QUESTIONS_FORMAT).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -88,7 +94,12 @@ def answered_ids(path: Path) -> set:
     if data and not data.endswith(b"\n"):
         data = data[:data.rfind(b"\n") + 1]
         path.write_bytes(data)
-    return {json.loads(line)["question_id"] for line in data.decode().splitlines() if line.strip()}
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise CliError(f"answers file {path} (--answers) is not UTF-8 text; pass a new --answers file") from None
+    expected = f"{ANSWERS_FORMAT}; fix or remove that line, or pass a new --answers file"
+    return {row["question_id"] for row in parse_jsonl(text, str(path), expected)}
 
 
 def answer_id(model_id: str, question_id, text: str) -> str:
@@ -115,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
     for message in problems:
         print(f"skipped: {message}", file=sys.stderr)
     chunk = get_chunk(rows, args.num_chunks, args.chunk_idx)
+    check_output(args.answers, "--answers", makedirs=True)  # its folder is created, as LLaVA's model_vqa does
     done = answered_ids(args.answers)
     todo = [r for r in chunk if r["question_id"] not in done]
+    make_parent(args.answers, "--answers")
     pipe = load_pipeline(args)
     model_id = args.model_id or Path(str(args.model).rstrip("/")).name
-    args.answers.parent.mkdir(parents=True, exist_ok=True)
     skipped = len(problems)
     with args.answers.open("a") as f:
         for row in tqdm(todo, desc="predict", unit="q", disable=None):

@@ -7,14 +7,16 @@ import argparse
 import os
 import sys
 
-from llavakit.cli.common import add_model_flags, load_pipeline
+from llavakit.cli.checks import number
+from llavakit.cli.common import CliError, add_model_flags, load_pipeline
 
 HELP = "serve a model over HTTP (OpenAI chat/completions, TGI, vLLM, Triton formats)"
 EXAMPLE = """examples:
-  llavakit serve --model llava-1.5-7b
-  llavakit serve --model DIR --host 0.0.0.0 --port 8000 --api-key "$KEY" --max-num-seqs 32
+  llavakit serve --model llava-1.5-7b --port 8000
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{"model": "DIR", "messages": [{"role": "user", "content": "Hi"}]}'
+      -d '{"model": "llava-1.5-7b", "messages": [{"role": "user", "content": "Hi"}]}'
+  llavakit serve --model DIR --served-model-name llava --host 0.0.0.0 --api-key "$KEY" --max-num-seqs 32
+      (clients send "model": "llava" and the header "Authorization: Bearer $KEY")
   llavakit serve --model llava-next-video-7b --video-frames 16 --max-video-seconds 120
       (then send {"type": "video_url", "video_url": {"url": "https://.../clip.mp4"}} content parts)
 """
@@ -26,14 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p, required=False)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=number(int, 0, 65535), default=8000, help="TCP port (0: any free one)")
     g.add_argument("--api-key", metavar="KEY", default=os.environ.get("LLAVAKIT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LLAVAKIT_API_KEY; unset: no key)")
-    g.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: --model)")
-    g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
-                   help="seconds in-flight requests may take to finish after SIGTERM (default 30)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--video-frames", type=int, metavar="N",
+    g.add_argument("--served-model-name", metavar="NAME",
+                   help="the model id clients send as \"model\" (default: --model as given, or demo)")
+    g.add_argument("--shutdown-timeout", type=number(float, 0), default=30.0, metavar="S",
+                   help="seconds in-flight requests may take to finish after SIGTERM")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="info logs one line per request; debug also /health and /metrics")
+    g.add_argument("--video-frames", type=number(int, 1), metavar="N",
                    help="frames sampled uniformly from each video (LLaVA-NeXT-Video checkpoints; default: the "
                         "checkpoint's, else 32)")
     _add_engine_flags(p)
@@ -42,15 +46,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--max-num-seqs", type=int, metavar="N", default=64, help="sequences in the running batch")
-    g.add_argument("--max-num-batched-tokens", type=int, metavar="N", default=4096, help="tokens computed per step")
-    g.add_argument("--max-model-len", type=int, metavar="N", help="context limit (default: the model's)")
-    g.add_argument("--block-size", type=int, metavar="N", default=16)
-    g.add_argument("--num-kv-blocks", type=int, metavar="N", help="KV-cache blocks (default: from memory)")
-    g.add_argument("--kv-cache-memory", type=float, metavar="GiB", help="KV-cache size in GiB")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F")
-    g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--no-chunked-prefill", action="store_true")
+    count, positive = number(int, 1), number(float, above=0)
+    g.add_argument("--max-num-seqs", type=count, metavar="N", default=64, help="sequences in the running batch")
+    g.add_argument("--max-num-batched-tokens", type=count, metavar="N", default=4096,
+                   help="tokens computed per step")
+    g.add_argument("--max-model-len", type=count, metavar="N", help="context limit (default: the model's)")
+    g.add_argument("--block-size", type=count, metavar="N", default=16, help="tokens per KV-cache block")
+    g.add_argument("--num-kv-blocks", type=count, metavar="N", help="KV-cache blocks (default: from memory)")
+    g.add_argument("--kv-cache-memory", type=positive, metavar="GiB", help="KV-cache size in GiB")
+    g.add_argument("--gpu-memory-utilization", type=number(float, above=0, maximum=1), default=0.9, metavar="F",
+                   help="fraction of the GPU's free memory the KV cache may fill")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prefixes")
+    g.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (as vLLM's flag)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "flex"],
                    help="paged attention: auto = the Triton kernel on CUDA, PyTorch elsewhere")
@@ -58,23 +65,27 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("limits (for untrusted clients)")
-    g.add_argument("--max-queue", type=int, metavar="N", default=256,
+    count, positive = number(int, 0), number(float, above=0)
+    g.add_argument("--max-queue", type=count, metavar="N", default=256,
                    help="sequences that may wait beyond the running batch; more get 503 + Retry-After")
-    g.add_argument("--max-body-mb", type=float, default=32, metavar="MiB", help="request body size cap in MiB")
-    g.add_argument("--max-images-per-request", type=int, metavar="N", default=4)
-    g.add_argument("--max-image-mb", type=float, default=20, metavar="MiB",
+    g.add_argument("--max-body-mb", type=positive, default=32, metavar="MiB", help="request body size cap in MiB")
+    g.add_argument("--max-images-per-request", type=count, metavar="N", default=4, help="image parts per request")
+    g.add_argument("--max-image-mb", type=positive, default=20, metavar="MiB",
                    help="size cap per image (download or base64), in MiB")
-    g.add_argument("--max-image-pixels", type=int, metavar="N", default=16_000_000, help="checked before decoding")
-    g.add_argument("--max-image-aspect-ratio", type=float, default=100.0, metavar="R")
-    g.add_argument("--max-videos-per-request", type=int, metavar="N", default=1,
+    g.add_argument("--max-image-pixels", type=number(int, 1), metavar="N", default=16_000_000,
+                   help="pixels per image at most, checked before decoding")
+    g.add_argument("--max-image-aspect-ratio", type=number(float, 1), default=100.0, metavar="R",
+                   help="longer side / shorter side at most")
+    g.add_argument("--max-videos-per-request", type=count, metavar="N", default=1,
                    help="video_url parts per chat request (LLaVA-NeXT-Video checkpoints; others refuse videos)")
-    g.add_argument("--max-video-mb", type=float, default=64, metavar="MiB",
+    g.add_argument("--max-video-mb", type=positive, default=64, metavar="MiB",
                    help="size cap per video (download or base64), in MiB; a data: URL is also under --max-body-mb")
-    g.add_argument("--max-video-seconds", type=float, default=600, metavar="S",
+    g.add_argument("--max-video-seconds", type=positive, default=600, metavar="S",
                    help="longest video accepted, in seconds")
-    g.add_argument("--fetch-timeout", type=float, default=20.0, metavar="S",
+    g.add_argument("--fetch-timeout", type=positive, default=20.0, metavar="S",
                    help="seconds per image or video download, redirects included")
-    g.add_argument("--connect-timeout", type=float, default=5.0, metavar="S")
+    g.add_argument("--connect-timeout", type=positive, default=5.0, metavar="S",
+                   help="seconds to connect to an image or video host")
     g.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="serve file:// image and video URLs from under DIR (default: file:// is refused)")
 
@@ -104,8 +115,38 @@ def run(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill, cuda_graphs=not args.enforce_eager,
         attention_backend=args.attention_backend)
-    service = Service(load_pipeline(args), engine_cfg, cfg)
-    print(f"serving {cfg.model_name!r} on http://{cfg.host}:{cfg.port} (OpenAI API under /v1; /docs lists "
-          "every route)", file=sys.stderr, flush=True)
-    serve(service, args.log_level)
+    sock = _bind(args.host, args.port)  # before the model loads: a taken port fails now, not in minutes
+    try:
+        service = Service(load_pipeline(args), engine_cfg, cfg)
+        port = sock.getsockname()[1]
+        print(f"serving {cfg.model_name!r} on http://{_url_host(cfg.host)}:{port} (OpenAI API under /v1; /docs "
+              "lists every route)", file=sys.stderr, flush=True)
+        serve(service, args.log_level, sock=sock)
+    finally:
+        sock.close()
     return 0
+
+
+def _bind(host: str, port: int):
+    """The listening socket for --host/--port, or one line saying why it cannot be had."""
+    import errno
+    import socket
+
+    from llavakit.serve.server import listen_socket
+
+    try:
+        return listen_socket(host, port)
+    except socket.gaierror as e:
+        raise CliError(f"--host {host}: not an address of this machine ({e.strerror}); pass an IP address such as "
+                       "127.0.0.1 or 0.0.0.0") from None
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CliError(f"port {port} on {host} is in use; pick another with --port") from None
+        if e.errno == errno.EACCES:
+            raise CliError(f"port {port} on {host} needs privileges ({e.strerror}); pick a port above 1023 with "
+                           "--port") from None
+        raise CliError(f"cannot listen on {host} port {port} ({e.strerror or e}); check --host and --port") from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -7,9 +7,10 @@ normalisation, POPE's and MME's yes/no readers, multiple-choice letter extractio
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from llavakit import datafiles
 
 # The VQA challenge's contraction table, verbatim (its oddities included, e.g. "somebody'd" -> "somebodyd").
 CONTRACTIONS = {
@@ -148,17 +149,19 @@ def extract_choice(text: str, letters: str = "ABCDEFGH") -> str | None:
     return parens.pop() if parens else None
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSONL file, blank lines skipped."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+ANSWERS_FORMAT = "llavakit predict's answers: one {\"question_id\", \"text\"} object per line (model_vqa JSONL)"
+
+
+def read_jsonl(path: str | Path, expected: str = "one JSON object per line") -> list[dict]:
+    """The JSON objects of a JSONL file, blank lines skipped; errors name the file, the line and `expected`."""
+    return datafiles.read_jsonl(path, expected)
 
 
 def read_answers(path: str | Path) -> dict[str, str]:
     """A `llavakit predict` answers file as {str(question_id): text}; a repeated id keeps its last answer."""
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
+    rows = read_jsonl(path, ANSWERS_FORMAT)
+    for row in rows:
         if "question_id" not in row or "text" not in row:
-            raise ValueError(f"{path}: line {i + 1} has keys {sorted(row)}; expected 'question_id' and 'text' "
+            raise ValueError(f"{row.where} has keys {sorted(row)}; expected 'question_id' and 'text' "
                              "(the model_vqa answers format written by `llavakit predict`)")
     return {str(row["question_id"]): row["text"] for row in rows}

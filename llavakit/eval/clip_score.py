@@ -4,8 +4,8 @@ CLIP score = 100 * max(cos(image embedding, text embedding), 0) (Hessel et al. 2
 weight, as torchmetrics computes it); a file's score is the mean over its scored items.
 
 Inputs: a `llavakit predict` answers file (JSONL: question_id, text, optional image), or MindIE's
-precision-test JSON {image file: caption} (seed 004's gpu_coco_predict.json / image_info.json). The image
-of an answer is its own "image" field, else the "image" of the same question_id in the question file.
+precision-test JSON {image file: caption} (its gpu_coco_predict.json / image_info.json). The image of an
+answer is its own "image" field, else the "image" of the same question_id in the question file.
 An item whose image is missing or unreadable is skipped and counted, never fatal; nothing to score is.
 Per-item scores are written as JSONL rows {question_id, image, text, clip_score, truncated}.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from llavakit import datafiles
 from llavakit.eval.answers import read_jsonl
 from llavakit.eval.clip_judge import ClipJudge
 from llavakit.processing.image import load_image
@@ -45,21 +46,23 @@ class Item:
     path: Path
 
 
-def _load_json_or_jsonl(path: Path):
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        return json.loads(text) if path.suffix == ".json" else read_jsonl(path)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'JSONL'} "
-                         f"({e.msg} at line {e.lineno})") from None
+CAPTIONS_FORMAT = ("llavakit predict's answers (JSONL {\"question_id\", \"text\", optional \"image\"}) or a "
+                   "JSON object {image: caption}")
+QUESTIONS_FORMAT = "a question file: JSONL (or a JSON list) of {\"question_id\", \"image\", ...} rows"
+
+
+def _load_json_or_jsonl(path: Path, expected: str):
+    """A .json file as one document, anything else as JSON lines; errors name the file, line and format."""
+    text = datafiles.read_text(path, expected)
+    if path.suffix == ".json":
+        return datafiles.parse_json(text, str(path), expected)
+    return datafiles.parse_jsonl(text, str(path), expected)
 
 
 def read_captions(path: str | Path) -> list[Caption]:
     """The captions of an answers JSONL or of a MindIE {image: caption} JSON; a repeated id keeps its last."""
     path = Path(path)
-    data = _load_json_or_jsonl(path)
+    data = _load_json_or_jsonl(path, CAPTIONS_FORMAT)
     if isinstance(data, dict):
         return [Caption(image, str(text), image) for image, text in data.items()]
     captions: dict[str, Caption] = {}
@@ -74,7 +77,7 @@ def read_captions(path: str | Path) -> list[Caption]:
 
 def read_image_map(path: str | Path) -> dict[str, str]:
     """{question_id: image} from a question file (model_vqa JSONL, or a JSON list of such rows)."""
-    rows = _load_json_or_jsonl(Path(path))
+    rows = _load_json_or_jsonl(Path(path), QUESTIONS_FORMAT)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: a question file is JSONL or a JSON list of {{question_id, image, ...}} rows")  # noqa: TRY004
     return {str(r["question_id"]): str(r["image"]) for r in rows
@@ -176,8 +179,9 @@ def is_score_file(path: str | Path) -> bool:
 
 def read_scores(path: str | Path) -> dict[str, dict]:
     """{question_id: row} of a per-item score file written by `llavakit eval clip-score --output`."""
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
+    rows = read_jsonl(path, "a per-item score file written by `llavakit eval clip-score --output`")
+    for row in rows:
         if "question_id" not in row or not isinstance(row.get("clip_score"), (int, float)):
-            raise ValueError(f"{path}: row {i + 1} needs 'question_id' and a numeric 'clip_score'")
+            raise ValueError(f"{row.where} needs 'question_id' and a numeric 'clip_score' (a per-item score file "
+                             "written by `llavakit eval clip-score --output`)")
     return {str(r["question_id"]): r for r in rows}

@@ -1,4 +1,4 @@
-"""Which of two caption sets is better, by paired CLIP scores: seed 004's precision protocol made statistical.
+"""Which of two caption sets is better, by paired CLIP scores: MindIE's precision protocol made statistical.
 
 MindIE's protocol captions the same 100 COCO images on two implementations and calls the higher mean CLIP
 score more precise. A difference of means says nothing of noise, so here the items are paired by

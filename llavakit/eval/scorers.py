@@ -24,7 +24,7 @@ Annotation files accepted (the benchmarks' published layouts, or a plain JSONL):
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from llavakit.eval.answers import (
     read_answers,
     read_jsonl,
 )
+from llavakit.datafiles import read_json_or_jsonl, read_text
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")
@@ -58,8 +59,23 @@ def vqa_accuracy(prediction: str, gt_answers: list[str]) -> float:
     return sum(min(1.0, (total - hit) / 3) for hit in hits) / len(hits)
 
 
-def _load_json(path: Path):
-    return read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+# What each task's annotation file holds (the module docstring's list), for error messages.
+LAYOUTS = {
+    "vqa": "a VQAv2 annotations JSON {\"annotations\": [{\"question_id\", \"answers\": [{\"answer\"}]}]}, "
+           "TextVQA JSON {\"data\": [{\"question_id\", \"answers\"}]}, VizWiz JSON [{\"image\", \"answers\"}] "
+           "or JSONL {\"question_id\", \"answers\"}",
+    "gqa": "GQA's questions JSON {question_id: {\"answer\", ...}} or JSONL {\"question_id\", \"answer\"}",
+    "pope": "POPE's coco_pope_<category>.json: JSONL {\"question_id\", \"label\", optional \"category\"}",
+    "mme": "MME JSONL {\"question_id\", \"category\", \"image\", \"label\"}",
+    "choice": "MMBench TSV (columns index, answer, category), ScienceQA problems.json {pid: {\"answer\": int}}, "
+              "SEED-Bench JSON {\"questions\": [{\"question_id\", \"answer\"}]} or JSONL "
+              "{\"question_id\", \"answer\": letter}",
+}
+
+
+def _load_json(path: Path, layout: str):
+    """A .jsonl file's rows or a JSON document, as Records (a missing key names the file and line)."""
+    return read_json_or_jsonl(path, LAYOUTS[layout])
 
 
 def _answer_strings(answers: list) -> list[str]:
@@ -68,7 +84,7 @@ def _answer_strings(answers: list) -> list[str]:
 
 def load_vqa_annotations(path: str | Path) -> dict[str, list[str]]:
     """{question_id: ground-truth answers} from a VQAv2, TextVQA, VizWiz or JSONL annotation file."""
-    data = _load_json(Path(path))
+    data = _load_json(Path(path), "vqa")
     if isinstance(data, dict):
         if "annotations" not in data and "data" not in data:
             raise ValueError(f"{path}: expected a VQAv2 ('annotations') or TextVQA ('data') JSON; "
@@ -94,7 +110,7 @@ def score_vqa(answers: dict[str, str], truth: dict[str, list[str]]) -> dict:
 
 def load_gqa_annotations(path: str | Path) -> dict[str, str]:
     """{question_id: answer} from GQA's questions JSON or a JSONL with "question_id" and "answer"."""
-    data = _load_json(Path(path))
+    data = _load_json(Path(path), "gqa")
     if isinstance(data, dict):
         return {str(q): row["answer"] for q, row in data.items()}
     return {str(row["question_id"]): row["answer"] for row in data}
@@ -112,7 +128,7 @@ def load_pope_annotations(path: str | Path) -> dict[str, tuple[str, str]]:
     path = Path(path)
     default = path.stem.rsplit("_", 1)[-1]
     return {str(r["question_id"]): (r.get("category", default), r["label"].strip().lower())
-            for r in read_jsonl(path)}
+            for r in read_jsonl(path, LAYOUTS["pope"])}
 
 
 def pope_metrics(preds: list[str], labels: list[str]) -> dict:
@@ -141,7 +157,7 @@ def score_pope(answers: dict[str, str], truth: dict[str, tuple[str, str]]) -> di
 
 def load_mme_annotations(path: str | Path) -> dict[str, tuple[str, str, str]]:
     """{question_id: (subtask, image, "yes" | "no")} from the MME JSONL; unknown subtasks are an error."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, LAYOUTS["mme"])
     bad = {r["category"] for r in rows} - set(PERCEPTION) - set(COGNITION)
     if bad:
         raise ValueError(f"{path}: unknown MME subtasks {sorted(bad)}; expected names from "
@@ -175,10 +191,10 @@ def load_choice_annotations(path: str | Path) -> dict[str, tuple[str, str]]:
     """{question_id: (letter, category)} from MMBench TSV, ScienceQA, SEED-Bench JSON or a JSONL."""
     path = Path(path)
     if path.suffix == ".tsv":
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
+        text = read_text(path, LAYOUTS["choice"])
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
         return {str(r["index"]): (r["answer"].strip().upper(), r.get("category") or "all") for r in rows}
-    data = _load_json(path)
+    data = _load_json(path, "choice")
     if isinstance(data, dict) and "questions" in data:  # SEED-Bench
         return {str(r["question_id"]): (r["answer"], str(r.get("question_type_id", "all")))
                 for r in data["questions"]}
@@ -200,6 +216,8 @@ def score_choice(answers: dict[str, str], truth: dict[str, tuple[str, str]]) -> 
     return {"score": acc, "accuracy": acc, "unparsed": unparsed, "categories": cats, **counts}
 
 
+_LAYOUT_OF = {"vqav2": "vqa", "textvqa": "vqa", "vizwiz": "vqa", "mmbench": "choice", "scienceqa": "choice",
+              "seed": "choice"}
 TASKS = {
     "vqav2": (load_vqa_annotations, score_vqa), "textvqa": (load_vqa_annotations, score_vqa),
     "vizwiz": (load_vqa_annotations, score_vqa), "gqa": (load_gqa_annotations, score_gqa),
@@ -214,7 +232,14 @@ def score(task: str, answers_path: str | Path, annotation_path: str | Path) -> d
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     load, scorer = TASKS[task]
-    return {"task": task, **scorer(read_answers(answers_path), load(annotation_path))}
+    answers = read_answers(answers_path)
+    try:
+        truth = load(annotation_path)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # the file parsed but has another layout
+        what = f"missing key {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        layout = LAYOUTS[_LAYOUT_OF.get(task, task)]
+        raise ValueError(f"{annotation_path} is not a {task} annotation file ({what}); expected {layout}") from None
+    return {"task": task, **scorer(answers, truth)}
 
 
 def _fmt(value) -> str:

@@ -60,7 +60,7 @@ def load_video(source: Any, cfg: VideoConfig, num_frames: int | None = None, pol
     limits = limits or VideoLimits()
     n = cfg.num_frames if num_frames is None else num_frames
     if n < 1:
-        raise VideoError(f"a video needs at least one frame, got num_frames={n}")
+        raise VideoError(f"a video needs at least one frame, got num_frames {n} (CLI: --video-frames)")
     name = _describe(source)
 
     def transform(img: Image.Image) -> np.ndarray:

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import llavakit
 from llavakit.serve import openai_api, tgi_api, triton_api
 from llavakit.serve.errors import install_error_handlers
-from llavakit.serve.middleware import GuardMiddleware
+from llavakit.serve.middleware import GuardMiddleware, RequestLogMiddleware
 from llavakit.serve.service import ClientDisconnected, Service
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away"; nobody reads it, the log does
@@ -32,6 +32,7 @@ def build_app(service: Service) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _on_disconnect)
     app.add_middleware(GuardMiddleware, cfg=service.cfg)
+    app.add_middleware(RequestLogMiddleware)  # outermost: refusals by the guard are logged too
     for module in (openai_api, tgi_api, triton_api):
         app.include_router(module.router)
 

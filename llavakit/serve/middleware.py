@@ -8,7 +8,12 @@ body slowly gets a 408 instead of holding a connection forever.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import secrets
+import time
+import uuid
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +21,54 @@ from llavakit.serve.config import ServeConfig
 from llavakit.serve.errors import APIError
 
 PUBLIC_PATHS = ("/health", "/metrics")  # monitoring works without the API key
+request_log = logging.getLogger("llavakit.serve.requests")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the request log line reports of one HTTP request; the service adds the tokens it counts."""
+
+    id: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+# The record of the request being handled: set by RequestLogMiddleware, read by Service.generate (tasks the
+# request spawns, such as a streaming body, copy the context and so share the record).
+current_request: contextvars.ContextVar[RequestRecord | None] = contextvars.ContextVar("llavakit_request",
+                                                                                      default=None)
+
+
+class RequestLogMiddleware:
+    """One log line per HTTP request (request id, method and route, status, tokens, latency) on the
+    "llavakit.serve.requests" logger, and the id in an X-Request-Id response header. /health and /metrics
+    are logged at DEBUG, so that probes and scrapes do not drown the log."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        record = RequestRecord(f"req-{uuid.uuid4().hex[:12]}")
+        token = current_request.set(record)
+        start, status = time.perf_counter(), ["-"]  # "-": no response was sent (the client left first)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", record.id.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            current_request.reset(token)
+            level = logging.DEBUG if scope["path"] in PUBLIC_PATHS else logging.INFO
+            request_log.log(level, "%s %s %s %s prompt_tokens=%d completion_tokens=%d %.1f ms", record.id,
+                            scope["method"], scope["path"][:200], status[0], record.prompt_tokens,
+                            record.completion_tokens, (time.perf_counter() - start) * 1e3)
 
 
 class GuardMiddleware:

@@ -29,6 +29,7 @@ from llavakit.serve.config import ServeConfig
 from llavakit.serve.errors import APIError, bad_request, overloaded
 from llavakit.serve.images import ImageLimits, prepare_images
 from llavakit.serve.metrics import ServerMetrics
+from llavakit.serve.middleware import current_request
 from llavakit.serve.prompts import PromptEncoder
 from llavakit.serve.videos import VideoSettings, prepare_videos
 
@@ -196,6 +197,9 @@ class Service:
         stream = self.engine.generate({"prompt_token_ids": ids, "images": images, "videos": videos}, params,
                                       request_id)
         self.metrics.prompt_tokens.inc(len(ids))
+        record = current_request.get()  # the request log line's counts
+        if record is not None:
+            record.prompt_tokens += len(ids)
         generated, outcome = 0, "abandoned"
         try:
             async for out in stream:
@@ -203,6 +207,8 @@ class Service:
                 if tokens and not generated:
                     self.metrics.ttft.observe(time.monotonic() - arrived)
                 self.metrics.add_tokens(tokens - generated)
+                if record is not None:
+                    record.completion_tokens += tokens - generated
                 generated = tokens
                 if out.finished:
                     outcome = "finished"

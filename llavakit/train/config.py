@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llavakit.datafiles import read_text
+
 STAGES = ("pretrain", "finetune", "lora")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
@@ -27,6 +29,9 @@ class TrainConfig:
     data_path: str = ""
     image_folder: str | None = None
     output_dir: str = "output"
+    # `llavakit train` refuses a non-empty output_dir unless this is set or the run resumes (the transformers
+    # scripts' convention); the recipe itself never deletes anything in it.
+    overwrite_output_dir: bool = False
     conv_mode: str | None = None  # template; pretrain defaults to plain; alias `version`
     image_aspect_ratio: str | None = None  # pad | anyres | square: override the checkpoint's processing
     num_train_epochs: float = 1.0
@@ -118,9 +123,9 @@ def normalize_options(raw: dict[str, Any]) -> dict[str, Any]:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Options from a YAML (.yaml/.yml) or JSON file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"training config {path} does not exist")
-    text = path.read_text()
+    text = read_text(path, "a YAML or JSON mapping of training options")
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml

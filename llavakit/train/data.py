@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llavakit.config import IGNORE_INDEX
+from llavakit.datafiles import read_text
 from llavakit.processing.conversation import Template, add_image_tags, render_segments
 from llavakit.processing.image import ImageError
 from llavakit.processing.media import FetchPolicy, MediaError, read_source
@@ -105,7 +106,8 @@ def parse_record(row: dict, index: int) -> Sample:
 def load_records(path: str | Path) -> list[dict]:
     """Rows of a JSON array file, or of a JSON-lines file (.jsonl: one object per line)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "LLaVA training data (data_path / --data-path): a JSON array of records, or one "
+                           "record per line in a file named .jsonl")
     if path.suffix == ".jsonl":
         return [_json(line, f"{path}: line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = _json(text, str(path))
@@ -120,6 +122,37 @@ def _json(text: str, name: str) -> Any:
     except json.JSONDecodeError as e:
         raise ValueError(f"{name} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a "
                          "JSON array of records, or one record per line in a file named .jsonl") from None
+
+
+def image_path(source: str, image_folder: Path | None) -> Path:
+    """Where a row's local image is read: under `image_folder` (an absolute path stays as it is), else as given."""
+    return image_folder / source if image_folder is not None else Path(source)
+
+
+def image_folder_hint(image_folder: Path | None) -> str:
+    """Where relative image paths were looked for, in words for an error message."""
+    if image_folder is None:
+        return (f"no image_folder (--image-folder) is set, so relative paths are read from the current directory "
+                f"{Path.cwd()}; pass --image-folder DIR")
+    return f"relative paths are read under image_folder (--image-folder) {image_folder}"
+
+
+def _local_sources(row: Any) -> list[str]:
+    """The image paths a raw row names that are files, not URLs (nothing for malformed rows)."""
+    image = row.get("image") if isinstance(row, dict) else None
+    sources = [image] if isinstance(image, str) else image if isinstance(image, list) else []
+    return [s for s in sources if isinstance(s, str) and s and not _is_url(s)]
+
+
+def _is_url(source: str) -> bool:
+    return source[:8].lower().startswith(("http://", "https://", "data:"))
+
+
+def missing_image_files(records: list, image_folder: Path | None) -> list[tuple[int, Path]]:
+    """(row index, path) of every local image file the rows name that does not exist: a stat per image, so
+    a wrong or missing image folder shows before any model is loaded."""
+    return [(i, path) for i, row in enumerate(records) for source in _local_sources(row)
+            if not (path := image_path(source, image_folder)).is_file()]
 
 
 def _truncate(ids: list[int], labels: list[int], runs: list[tuple[int, int]], max_length: int,
@@ -255,10 +288,12 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise type(e)(f"image {source!r}: {e}") from None
 
     def _read(self, source: str) -> bytes:
-        if source[:8].lower().startswith(("http://", "https://", "data:")):
+        if _is_url(source):
             return self._fetch(source)
-        # Joining an absolute path onto the folder gives the absolute path itself.
-        return (self.image_folder / source if self.image_folder is not None else Path(source)).read_bytes()
+        path = image_path(source, self.image_folder)
+        if not path.is_file():
+            raise MediaError(f"not found at {path.absolute()}; {image_folder_hint(self.image_folder)}")
+        return path.read_bytes()
 
     def _fetch(self, url: str) -> bytes:
         """A URL through the guarded fetcher; http(s) ones cached on disk when a cache dir is set."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llavakit.datafiles import read_json
 from llavakit.layers.linear import Linear
 from llavakit.weights.name_maps import LAYOUTS, detect_layout, is_unused, map_name
 from llavakit.weights.save import TO_LLAVA_HF
@@ -177,7 +178,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     before the model is touched.
     """
     adapter_dir = Path(adapter_dir)
-    cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    cfg = read_json(adapter_dir / ADAPTER_CONFIG, "a peft LoRA adapter config (peft_type, r, lora_alpha, ...)")
     _check_supported(cfg, adapter_dir)
     r, tensors = cfg["r"], _our_names(load_file(adapter_dir / ADAPTER_WEIGHTS), model, adapter_dir)
     layers = sorted({name.rpartition(".")[0] for name in tensors})
@@ -203,8 +204,8 @@ def _check_supported(cfg: dict, adapter_dir: Path) -> None:
     unsupported = {k: cfg[k] for k in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
                    if cfg.get(k)}
     if cfg.get("peft_type") != "LORA" or unsupported:
-        raise ValueError(f"{adapter_dir}: only plain peft LORA adapters load; got peft_type="
-                         f"{cfg.get('peft_type')!r} with {unsupported or 'no other options'}")
+        raise ValueError(f"{adapter_dir}: only plain peft LORA adapters load; its adapter_config.json has "
+                         f"peft_type {cfg.get('peft_type')!r} with {unsupported or 'no other options'}")
 
 
 def _our_names(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_dir: Path) -> dict[str, torch.Tensor]:

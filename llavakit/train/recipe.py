@@ -27,7 +27,8 @@ from llavakit.processing.prompt import PromptProcessor
 from llavakit.train import checkpoint as ckpt
 from llavakit.train.build import build_model, param_groups, set_trainable
 from llavakit.train.config import TrainConfig
-from llavakit.train.data import LlavaDataset, ModalityGroupedBatches, load_records
+from llavakit.train.data import (LlavaDataset, ModalityGroupedBatches, image_folder_hint, load_records,
+                                 missing_image_files)
 from llavakit.train.distributed import DistInfo, all_reduce_sum, cleanup as dist_cleanup, init_distributed, wrap
 from llavakit.train.lora import apply_lora, load_adapter
 from llavakit.train.metrics import TrainLogger, plot_loss_curve
@@ -111,9 +112,11 @@ def setup(cfg: TrainConfig) -> Run:
     info = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
+    records = load_records(cfg.data_path)  # read and checked before the model loads: bad data fails in seconds
+    check_image_files(records, _image_folder(cfg), cfg.max_bad_fraction)
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     model, processor, source = _model(cfg, info, resume)
-    dataset = _dataset(cfg, processor, output_dir)
+    dataset = _dataset(cfg, records, processor, output_dir)
     global_batch = cfg.per_device_train_batch_size * info.world_size * cfg.gradient_accumulation_steps
     batches = ModalityGroupedBatches(len(dataset), [dataset.modality(i) for i in range(len(dataset))], global_batch,
                                      cfg.seed, cfg.group_by_modality_length, drop_last=info.enabled)
@@ -149,10 +152,25 @@ def _model(cfg: TrainConfig, info: DistInfo, resume: Path | None):
     return model.train(), processor, source
 
 
-def _dataset(cfg: TrainConfig, processor: PromptProcessor, output_dir: Path) -> LlavaDataset:
+def _image_folder(cfg: TrainConfig) -> Path | None:
+    return Path(cfg.image_folder) if cfg.image_folder else None
+
+
+def check_image_files(records: list, image_folder: Path | None, max_bad_fraction: float) -> None:
+    """Refuse, before any model loads, data whose missing image files alone would stop training (more rows
+    than max_bad_fraction allows): typically a missing or wrong --image-folder."""
+    missing = missing_image_files(records, image_folder)
+    rows = len({i for i, _ in missing})
+    if rows > max_bad_fraction * len(records):
+        first = ", ".join(str(p) for _, p in missing[:3])
+        raise TrainingError(f"{rows} of {len(records)} rows name image files that do not exist, more than "
+                            f"max_bad_fraction (--max-bad-fraction) {max_bad_fraction} allows; not found: {first}"
+                            f"{' ...' if len(missing) > 3 else ''} ({image_folder_hint(image_folder)})")
+
+
+def _dataset(cfg: TrainConfig, records: list, processor: PromptProcessor, output_dir: Path) -> LlavaDataset:
     cache = Path(cfg.image_cache_dir) if cfg.image_cache_dir else output_dir / "image_cache"
-    return LlavaDataset(load_records(cfg.data_path), processor, processor.template,
-                        Path(cfg.image_folder) if cfg.image_folder else None, cfg.model_max_length, cache,
+    return LlavaDataset(records, processor, processor.template, _image_folder(cfg), cfg.model_max_length, cache,
                         FetchPolicy())
 
 
@@ -258,7 +276,10 @@ def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]
     info = run.info
     total_tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro), info)
     if total_tokens == 0:
-        raise TrainingError(f"step {run.step + 1} has no supervised tokens (all rows skipped or unlabelled)")
+        skipped = [s for b in micro for s in b["skipped"]]
+        why = (f"its rows were skipped, e.g. row {skipped[0].index}: {skipped[0].reason}" if skipped
+               else "no row of it has an answer token to learn")
+        raise TrainingError(f"step {run.step + 1} has no supervised tokens: {why}")
     loss_sum, seen = 0.0, 0
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16)
     for batch in micro:
@@ -302,8 +323,9 @@ def _account_skipped(run: Run, micro: list[dict]) -> None:
     limit = run.cfg.max_bad_fraction * len(run.dataset)
     if len(run.skipped) > limit:
         rows = ", ".join(f"{i} ({r})" for i, r in list(run.skipped.items())[:10])
-        raise TrainingError(f"{len(run.skipped)} of {len(run.dataset)} rows were skipped, more than "
-                            f"max_bad_fraction={run.cfg.max_bad_fraction}: {rows}; fix the data or raise the limit")
+        raise TrainingError(f"{len(run.skipped)} of {len(run.dataset)} rows were skipped, more than max_bad_fraction "
+                            f"(--max-bad-fraction) {run.cfg.max_bad_fraction} allows: {rows}; fix the data or raise "
+                            "the limit")
 
 
 def save(run: Run, directory: Path) -> None:

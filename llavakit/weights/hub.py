@@ -29,7 +29,7 @@ def resolve_model_dir(name: str | Path | None, revision: str | None = None) -> P
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"model {name!r} is not a local directory and could not be fetched from the hub "
                            f"({reason}); download it where the network allows "
-                           f"(huggingface-cli download {name}) or pass a local directory") from None
+                           f"(hf download {name}) or pass a local directory") from None
 
 
 # Short names for the checkpoints the LLaVA world uses most (llava-hf layout on the hub).

@@ -112,7 +112,7 @@ def test_mindie_image_info_json_is_read_as_image_to_caption(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ('{"question_id": 1}\n', "row 1 needs 'question_id' and a 'text' string"),
-    ('{"question_id": 1, "text": "a"\n', "not valid JSONL"),
+    ('{"question_id": 1, "text": "a"\n', r"a.jsonl:1 is not valid JSON \(.*\); expected llavakit predict's answers"),
 ])
 def test_bad_answers_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "a.jsonl"

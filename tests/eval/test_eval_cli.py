@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from checkpoints import build_hf_model, processor_config, write_hf_checkpoint
-from conftest import noise_image
+import pytest
 from PIL import Image
 
 from llavakit.cli import main
@@ -25,19 +24,24 @@ def test_eval_score_prints_json_with_a_headline_score(tmp_path, capsys):
     assert result["score"] == json.loads((tmp_path / "r.json").read_text())["score"] == 200 / 3
 
 
-def test_eval_score_unknown_task_is_a_one_line_error(tmp_path, capsys):
+def test_eval_score_unknown_task_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text("")
-    assert main(["eval", "score", "--task", "nope", "--answers", str(tmp_path / "a.jsonl"),
-                 "--annotations", str(tmp_path / "a.jsonl")]) == 1
-    assert capsys.readouterr().err.startswith("llavakit: error:")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "score", "--task", "nope", "--answers", str(tmp_path / "a.jsonl"),
+              "--annotations", str(tmp_path / "a.jsonl")])
+    assert e.value.code == 2 and "argument --task: invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_ground_writes_a_png(tmp_path):
-    d = write_hf_checkpoint(build_hf_model("llava", seed=2), tmp_path / "ck", "hub",
-                            processor=processor_config("LlavaImageProcessor", do_pad=True))
+    import random
+
+    from llavakit.demo.scenes import random_scene
+
+    scene = random_scene(random.Random(3))  # the built-in demo model answers "where" questions with a box
     image = tmp_path / "in.png"
-    noise_image(64, 40).save(image)
+    scene.render().save(image)
+    shape = scene.shapes[0]
     out = tmp_path / "out.png"
-    assert main(["ground", "--model", str(d), "--image", str(image), "--query", "Where is the cat?",
-                 "--out", str(out), "--max-new-tokens", "8"]) == 0
-    assert Image.open(out).size == (64, 40)
+    assert main(["ground", "--image", str(image), "--query", f"Where is the {shape.color} {shape.kind}?",
+                 "--out", str(out), "--max-new-tokens", "24"]) == 0
+    assert Image.open(out).size == (scene.width, scene.height)

@@ -312,14 +312,17 @@ def test_the_cli_flags_reach_the_server_config(monkeypatch):
     seen = {}
     monkeypatch.setattr(serve_cli, "load_pipeline", lambda args: seen.setdefault("frames", args.video_frames))
     monkeypatch.setattr(llavakit.serve.service, "Service", lambda pipe, engine_cfg, cfg: cfg)
-    monkeypatch.setattr(llavakit.serve.server, "serve", lambda cfg, log_level: seen.setdefault("cfg", cfg))
-    assert main(["serve", "--model", "x"]) == 0
+    monkeypatch.setattr(llavakit.serve.server, "serve",
+                        lambda cfg, log_level, sock=None: seen.setdefault("cfg", cfg))
+    assert main(["serve", "--model", "x", "--port", "0"]) == 0
     cfg = seen.pop("cfg")
     assert (cfg.max_video_bytes, cfg.max_video_seconds, cfg.max_videos_per_request) == (64 * 2**20, 600, 1)
     assert seen.pop("frames") is None
-    assert main(["serve", "--model", "x", "--max-video-mb", "1.5", "--max-video-seconds", "30",
+    assert main(["serve", "--model", "x", "--port", "0", "--max-video-mb", "1.5", "--max-video-seconds", "30",
                  "--max-videos-per-request", "2", "--video-frames", "4"]) == 0
     cfg = seen["cfg"]
     assert (cfg.max_video_bytes, cfg.max_video_seconds, cfg.max_videos_per_request) == (int(1.5 * 2**20), 30, 2)
     assert seen["frames"] == 4
-    assert main(["serve", "--model", "x", "--max-video-seconds", "0"]) == 1
+    with pytest.raises(SystemExit) as e:  # a usage error, refused before anything loads
+        main(["serve", "--model", "x", "--max-video-seconds", "0"])
+    assert e.value.code == 2

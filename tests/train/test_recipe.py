@@ -145,7 +145,7 @@ def test_bad_rows_are_skipped_within_the_limit_and_stop_above_it(tmp_path, base)
     rows = json.loads(data.read_text())
     rows.append({"id": "broken", "conversations": "not a list"})
     data.write_text(json.dumps(rows))
-    with pytest.raises(TrainingError, match=r"rows were skipped.*max_bad_fraction=0.01.*img5.png"):
+    with pytest.raises(TrainingError, match=r"rows name image files that do not exist.*--max-bad-fraction\) 0.01.*img5.png"):
         train(config(base, tmp_path / "strict", data_path=str(data), image_folder=str(tmp_path), max_steps=6))
     history = train(config(base, tmp_path / "lenient", data_path=str(data), image_folder=str(tmp_path),
                            max_steps=6, max_bad_fraction=0.2))
