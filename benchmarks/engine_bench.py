@@ -1,19 +1,25 @@
 """Engine speed on the CPU-sized `bench-small` model (8 decoder layers of 512, a 4-layer tower, 64 image
 tokens) against transformers on the same random weights: builds the checkpoint once, then runs
-`llavakit bench --compare-transformers`.
+`llavakit bench --compare-transformers` (MindIE's performance protocol at `--output-tokens`, then 32
+offline requests; every shape warmed up untimed first, every request its own image, transformers on the
+same requests; `--repeats` rounds of both, medians and min/max reported).
 
     python benchmarks/engine_bench.py [--workdir /tmp/llavakit-bench/engine] [--output-tokens 128] [--requests 32]
+        [--batch-sizes 1,2,...,10] [--repeats 3] [--threads N] [--distinct-images N] [--out DIR]
+    python benchmarks/engine_bench.py --output-tokens 8 --requests 4 --batch-sizes 1,2 --out /tmp/bench  # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama"
+from llavakit.assets import LLAMA_TOKENIZER_DIR
 
 
 def build_checkpoint(directory: Path) -> Path:
@@ -26,7 +32,7 @@ def build_checkpoint(directory: Path) -> Path:
     from llavakit.weights.loader import random_llava
     from llavakit.weights.save import save_llava_hf
 
-    tok = AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(LLAMA_TOKENIZER_DIR)
     tok.add_tokens(["<image>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
     cfg = preset_config("bench-small")
@@ -52,15 +58,20 @@ def main() -> int:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of engine then transformers (medians)")
+    parser.add_argument("--threads", type=int, help="torch threads of both sides (default: llavakit's --threads)")
+    parser.add_argument("--distinct-images", type=int, help="reuse images (default: every request its own)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     ckpt = build_checkpoint(args.workdir / "bench-small")
     from llavakit.cli import main as cli
 
+    extra = ["--threads", str(args.threads)] if args.threads else []
+    extra += ["--distinct-images", str(args.distinct_images)] if args.distinct_images else []
     return cli(["bench", "--model", str(ckpt), "--dtype", "float32", "--device", "cpu", "--compare-transformers",
                 "--output-tokens", str(args.output_tokens), "--requests", str(args.requests),
-                "--batch-sizes", args.batch_sizes, "--out", str(Path(__file__).parent / "results"),
-                "--name", f"engine_bench-small_cpu-{__import__('os').cpu_count()}c_"
-                          f"{__import__('datetime').date.today().isoformat()}"])
+                "--batch-sizes", args.batch_sizes, "--repeats", str(args.repeats), "--out", str(args.out),
+                "--name", f"engine_bench-small_cpu-{os.cpu_count()}c_{datetime.date.today().isoformat()}", *extra])
 
 
 if __name__ == "__main__":

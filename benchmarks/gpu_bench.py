@@ -1,21 +1,27 @@
 """The engine at real size on a GPU against transformers on the same weights, in one process.
 
-    python benchmarks/gpu_bench.py --tokenizer DIR [--preset llava-1.5-7b] [--out DIR]
-    python benchmarks/gpu_bench.py --tokenizer ../shared/tokenizers/llama --preset bench-small --device cpu \
+    python benchmarks/gpu_bench.py [--preset llava-1.5-7b] [--tokenizer DIR] [--out DIR]
+    python benchmarks/gpu_bench.py --preset bench-small --device cpu --dtype float32 \
         --output-tokens 8 --batch-sizes 1,2 --concurrent 4 --hf-one-by-one 1 --check-tokens 4   # smoke run
+
+The presets with a LLaMA vocabulary (llava-1.5-*, llava-v1.6-vicuna-7b, llava-next-video-7b, bench-small) use
+the LLaMA tokenizer shipped with llavakit; the others (Mistral, Yi) need `--tokenizer DIR`.
 
 What it does, in order (results are written after every phase, so a run cut short keeps what it measured):
 1. ceilings: device-to-device copy bandwidth (bytes read + written) and a bf16 matrix product;
 2. correctness (fp32, the `--check-preset` model): the engine with its fast path (Triton decode kernel,
    CUDA graphs) against the same engine on the PyTorch path without graphs, and against transformers'
    greedy generate on the same weights, over mixed requests (distinct and repeated images, lengths);
-3. speed (`--preset` in `--dtype`, random weights: `load_format="dummy"`): the seed-004 protocol (batch 1..10,
-   one 336-px image each, 256 output tokens: TTFT, decode tokens/s, throughput), bs-1 decode against the
-   memory-bandwidth limit (the decoder's weight bytes / the copy bandwidth), the time of one captured
-   decode step, and `--concurrent` requests at once;
-4. transformers (`LlavaForConditionalGeneration` sharing the engine's weight tensors): TTFT, bs-1 decode,
-   padded batches 1..10, the concurrent requests as one padded batch and one by one (the one-by-one rate is
-   measured on the first `--hf-one-by-one` requests: running all 64 in turn would take ~10 minutes).
+3. speed (`--preset` in `--dtype`, random weights: `load_format="dummy"`): MindIE's performance protocol
+   (batch 1..10, one 336-px image each, 256 output tokens: TTFT, decode tokens/s, throughput), bs-1 decode
+   against the memory-bandwidth limit (the decoder's weight bytes / the copy bandwidth), the time of one
+   captured decode step, and `--concurrent` requests at once. Every batch size and the concurrent set first
+   run once untimed on other images (same shape), and every request has its own image, so no timed run finds
+   its images in the engine's vision cache;
+4. transformers (`LlavaForConditionalGeneration` sharing the engine's weight tensors), on the very requests
+   the engine ran: TTFT and bs-1 decode on the protocol's batch-1 request, the protocol's padded batches, the
+   concurrent requests as one padded batch and one by one (the one-by-one rate is measured on the first
+   `--hf-one-by-one` requests: running all 64 in turn would take ~10 minutes).
 Out: <out>/<name>.json (everything), .csv (per batch size), .png (chart).
 """
 
@@ -82,42 +88,7 @@ def ceilings(device: torch.device) -> dict:
     return {"copy_bytes_per_s": 2 * n * 2 / copy_s, "bf16_matmul_flops": 2 * m ** 3 / mm_s}
 
 
-def hf_twin(pipe):
-    """transformers' LLaVA whose parameters are the engine model's own tensors (no second copy), except
-    the tower layers llavakit never runs, which keep transformers' random initialisation."""
-    import tempfile
-
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from llavakit.weights.name_maps import map_name
-    from llavakit.weights.save import TO_LLAVA_HF, hf_config_dict
-
-    model = pipe.model
-    dtype = model.lm_head.weight.dtype
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(pipe.config, dtype=dtype)))
-        config = AutoConfig.from_pretrained(tmp)
-    with torch.device(model.lm_head.weight.device):
-        hf = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    wanted = set(hf.state_dict())
-    # hub names -> the module names of this transformers version (4.x: the hub names; 5.x: model.*)
-    renames = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
-               ("image_newline", "model.image_newline")]
-    state = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        hub = map_name(name, TO_LLAVA_HF)
-        candidates = [hub] + [new + hub[len(old):] for old, new in renames if hub.startswith(old)]
-        candidates += [c.replace("vision_tower.vision_model.", "vision_tower.") for c in candidates]
-        key = next((c for c in candidates if c in wanted), None)
-        if key is None:
-            raise KeyError(f"{name} -> {hub} has no place in transformers' model")
-        state[key] = p.detach()
-    result = hf.load_state_dict(state, strict=False, assign=True)
-    left = [k for k in result.missing_keys if "vision_tower" not in k]
-    if left or result.unexpected_keys:
-        raise RuntimeError(f"transformers' model lacks {left[:5]} / has extra {result.unexpected_keys[:5]}")
-    return hf.eval()
+hf_twin = bench.hf_twin  # transformers' model on the engine model's own tensors
 
 
 def check_requests(n_images: int = 3):
@@ -182,6 +153,13 @@ def correctness(args, device: torch.device) -> dict:
     return report
 
 
+def concurrent_requests(args, purpose: int) -> tuple[list[dict], list[SamplingParams]]:
+    """`--concurrent` requests, the protocol's question and output length, one distinct image each."""
+    reqs = [{"prompt": bench.QUESTIONS[0], "images": [im]}
+            for im in bench.images_for(args.concurrent, (purpose, 0, 1_000_000 + args.concurrent))]
+    return reqs, [SamplingParams(max_tokens=args.output_tokens, ignore_eos=True) for _ in reqs]
+
+
 def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> None:
     import llavakit
 
@@ -199,16 +177,14 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     setup_s = time.perf_counter() - t0
     log(f"engine ready in {setup_s:.1f}s (backend {engine.runner.backend}, graphs "
         f"{engine.runner.graphs is not None}), {engine.block_manager.num_blocks} KV blocks")
-    bench.run_batch(engine, [{"prompt": "warm up", "images": [bench.noise(7)]}],
-                    [SamplingParams(max_tokens=8, ignore_eos=True)])
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     ours = {"engine_setup_s": setup_s, "kv_blocks": engine.block_manager.num_blocks,
             "backend": engine.runner.backend, "cuda_graphs": engine.runner.graphs is not None,
             "decoder_weight_bytes": decoder_bytes, "bandwidth_limit_tokens_per_s": limit}
     report["ours"] = ours
-    log("seed-004 protocol")
-    ours["seed004"] = bench.as_rows(bench.seed004(engine, sizes, args.output_tokens))
-    bs1 = ours["seed004"][0]
+    log(bench.protocol_name(sizes, args.output_tokens))
+    ours[bench.PROTOCOL_KEY] = bench.as_rows(bench.mindie_protocol(engine, sizes, args.output_tokens))
+    bs1 = ours[bench.PROTOCOL_KEY][0]
     ours["bs1_fraction_of_bandwidth_limit"] = bs1["decode_tokens_per_s"] / limit
     if engine.runner.graphs is not None and engine.runner.graphs.captured:
         g = engine.runner.graphs
@@ -216,8 +192,8 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
         ours["bs1_graph_fraction_of_bandwidth_limit"] = 1e3 / ours["bs1_graph_replay_ms"] / limit
     save()
     log(f"{args.concurrent} concurrent requests")
-    reqs = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(5000 + i)]} for i in range(args.concurrent)]
-    params = [SamplingParams(max_tokens=args.output_tokens, ignore_eos=True)] * args.concurrent
+    bench.run_batch(engine, *concurrent_requests(args, bench.WARMUP))  # untimed, same shape, other images
+    reqs, params = concurrent_requests(args, bench.TIMED)
     ours["concurrent"] = bench.as_rows([bench.run_batch(engine, reqs, params)])[0]
     ours["preemptions"] = engine.scheduler.num_preemptions
     save()
@@ -234,7 +210,7 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     hf = hf_twin(pipe)
     theirs = {}
     report["transformers"] = theirs
-    one = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(1001)]}]
+    one, _ = bench.protocol_requests(1, args.output_tokens)  # the engine's timed batch-1 request
     bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=4)], 1)  # warm-up
     t1 = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=1)], 1).seconds for _ in range(3))
     tn = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=args.output_tokens)], 1).seconds
@@ -245,8 +221,8 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     theirs["padded_batches"] = []
     hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",") if x] if args.hf_batch_sizes is not None else sizes
     for bs in hf_sizes:
-        reqs_b = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(1000 * bs + i)]} for i in range(bs)]
-        r = bench.hf_generate(hf, pipe, reqs_b, [SamplingParams(max_tokens=args.output_tokens)] * bs, bs)
+        reqs_b, params_b = bench.protocol_requests(bs, args.output_tokens)  # what the engine ran at this size
+        r = bench.hf_generate(hf, pipe, reqs_b, params_b, bs)
         theirs["padded_batches"].append({"batch_size": bs, "throughput_tokens_per_s": r.tokens_per_s,
                                          "total_s": r.seconds})
         log(f"transformers batch {bs}: {r.tokens_per_s:.1f} tokens/s")
@@ -268,7 +244,7 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     hf_rows = {t["batch_size"]: t for t in theirs["padded_batches"]}
     if hf_rows:
         report["ratios"]["per_batch_size"] = [o["throughput_tokens_per_s"] / hf_rows[o["batch_size"]]["throughput_tokens_per_s"]
-                                              for o in ours["seed004"] if o["batch_size"] in hf_rows]
+                                              for o in ours[bench.PROTOCOL_KEY] if o["batch_size"] in hf_rows]
     save()
 
 
@@ -281,20 +257,21 @@ def chart(report: dict, path: Path) -> None:
     except ImportError:
         return
     ours, theirs = report.get("ours", {}), report.get("transformers", {})
-    if "seed004" not in ours or "padded_batches" not in theirs:
+    if bench.PROTOCOL_KEY not in ours or "padded_batches" not in theirs:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    sizes = [r["batch_size"] for r in ours["seed004"]]
-    a.plot(sizes, [r["throughput_tokens_per_s"] for r in ours["seed004"]], marker="o", label="llavakit")
+    rows = ours[bench.PROTOCOL_KEY]
+    sizes = [r["batch_size"] for r in rows]
+    a.plot(sizes, [r["throughput_tokens_per_s"] for r in rows], marker="o", label="llavakit")
     a.plot([r["batch_size"] for r in theirs["padded_batches"]],
            [r["throughput_tokens_per_s"] for r in theirs["padded_batches"]], marker="s", label="transformers")
-    a.set_xlabel("batch size (one image each, 256 output tokens)")
+    a.set_xlabel(f"batch size (one image each, {report['args']['output_tokens']} output tokens)")
     a.set_ylabel("tokens/s")
-    a.set_title("throughput")
+    a.set_title(f"throughput, {bench.protocol_name(sizes, report['args']['output_tokens'])}", fontsize=9)
     a.grid(alpha=0.3)
     a.legend()
     labels = ["bs1 decode", f"{report['args']['concurrent']} concurrent"]
-    ours_v = [ours["seed004"][0]["decode_tokens_per_s"], ours.get("concurrent", {}).get("throughput_tokens_per_s", 0)]
+    ours_v = [rows[0]["decode_tokens_per_s"], ours.get("concurrent", {}).get("throughput_tokens_per_s", 0)]
     theirs_v = [theirs.get("bs1_decode_tokens_per_s", 0), theirs.get("concurrent_padded_tokens_per_s", 0)]
     x = range(len(labels))
     b.bar([i - 0.2 for i in x], ours_v, width=0.4, label="llavakit")
@@ -324,14 +301,14 @@ def table(report: dict) -> str:
         lines.append(f"copy bandwidth {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 matmul "
                      f"{ceil['bf16_matmul_flops'] / 1e12:.0f} TFLOP/s")
     ours, theirs, ratios = report.get("ours", {}), report.get("transformers", {}), report.get("ratios", {})
-    if "seed004" in ours:
-        lines.append(f"bs1 decode {ours['seed004'][0]['decode_tokens_per_s']:.1f} tok/s = "
+    if bench.PROTOCOL_KEY in ours:
+        lines.append(f"bs1 decode {ours[bench.PROTOCOL_KEY][0]['decode_tokens_per_s']:.1f} tok/s = "
                      f"{100 * ours['bs1_fraction_of_bandwidth_limit']:.1f}% of the bandwidth limit "
                      f"{ours['bandwidth_limit_tokens_per_s']:.1f}; one graph replay "
                      f"{ours.get('bs1_graph_replay_ms', float('nan')):.2f} ms")
         hf_rows = {r["batch_size"]: r for r in theirs.get("padded_batches", [])}
         lines.append(f"{'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'tok/s':>9} {'transformers tok/s':>19}")
-        for r in ours["seed004"]:
+        for r in ours[bench.PROTOCOL_KEY]:
             hf = hf_rows.get(r["batch_size"], {}).get("throughput_tokens_per_s", float("nan"))
             lines.append(f"{r['batch_size']:>5} {r['ttft_ms']:>9.1f} {r['decode_tokens_per_s']:>13.1f} "
                          f"{r['throughput_tokens_per_s']:>9.1f} {hf:>19.1f}")
@@ -350,7 +327,8 @@ def table(report: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="a LLaMA tokenizer directory (the presets' vocabulary)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the shipped LLaMA tokenizer for presets with "
+                                       "a LLaMA vocabulary; Mistral and Yi presets need their own)")
     p.add_argument("--preset", default="llava-1.5-7b")
     p.add_argument("--check-preset", default="bench-small")
     p.add_argument("--dtype", default="bfloat16")
@@ -410,11 +388,10 @@ def main() -> int:
     finally:
         save()
         ours = report.get("ours", {})
-        if "seed004" in ours:
-            rows = ["batch_size,ttft_ms,decode_tokens_per_s,throughput_tokens_per_s,total_s,"
-                    "transformers_throughput_tokens_per_s"]
+        if bench.PROTOCOL_KEY in ours:
+            rows = [",".join([*ours[bench.PROTOCOL_KEY][0], "transformers_throughput_tokens_per_s"])]
             hf_rows = {r["batch_size"]: r for r in report.get("transformers", {}).get("padded_batches", [])}
-            for r in ours["seed004"]:
+            for r in ours[bench.PROTOCOL_KEY]:
                 hf = hf_rows.get(r["batch_size"], {}).get("throughput_tokens_per_s", "")
                 rows.append(",".join(str(x) for x in (*r.values(), hf)))
             (args.out / f"{stem}.csv").write_text("\n".join(rows) + "\n")

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: torch.profiler over replays of the engine's captured decode graph.
 
-    python benchmarks/profile_decode.py --tokenizer DIR [--preset llava-1.5-7b] [--batch 1] [--context 620]
+    python benchmarks/profile_decode.py [--preset llava-1.5-7b] [--batch 1,8] [--steps 20] [--variants]
 
 Loads the preset with random weights, prefills `--batch` one-image requests, then profiles `--steps`
 replays of that batch's decode graph and prints the kernels by total GPU time (and the sum), next to
@@ -26,7 +26,7 @@ def main() -> int:
     from llavakit.sampling import SamplingParams
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--tokenizer", help="default: the shipped LLaMA tokenizer (presets with a LLaMA vocabulary)")
     p.add_argument("--preset", default="llava-1.5-7b")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--steps", type=int, default=20)

@@ -1,5 +1,7 @@
 """HTTP serving load: `llavakit serve` against transformers' generate behind a minimal FastAPI endpoint,
 same checkpoint, same requests (one image + a question, a fixed number of output tokens), same threads.
+Every request has its own image (no concurrency level reuses another's), so the server's vision cache
+never answers a timed request.
 
 For each concurrency (default 1, 4, 16), `--requests-per-client` requests per client are sent by that many
 concurrent clients to POST /v1/chat/completions; reported: requests/s and p50/p99 latency per server.
@@ -167,9 +169,12 @@ def bench_server(name: str, cmd: list[str], port: int, args) -> list[dict]:
     rows = []
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(run_load(url, [request_body(10_000 + i, 4, args.image_size) for i in range(2)], 2))  # warm-up
+        asyncio.run(run_load(url, [request_body(1_000_000 + i, 4, args.image_size) for i in range(2)], 2))  # warm-up
+        first = 0
         for c in args.concurrency:
-            bodies = [request_body(i, args.output_tokens, args.image_size) for i in range(c * args.requests_per_client)]
+            n = c * args.requests_per_client  # every request its own image, none seen before by the server
+            bodies = [request_body(first + i, args.output_tokens, args.image_size) for i in range(n)]
+            first += n
             row = {"server": name, **asyncio.run(run_load(url, bodies, c))}
             print(f"{name}: concurrency {c}: {row['requests_per_s']:.2f} req/s, p50 {row['p50_latency_s']:.2f} s, "
                   f"p99 {row['p99_latency_s']:.2f} s", file=sys.stderr, flush=True)

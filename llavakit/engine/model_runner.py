@@ -29,20 +29,31 @@ def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int
     return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * model.lm_head.weight.element_size()
 
 
+# Without CUDA and without num_kv_blocks / kv_cache_memory, the KV cache never takes more than this.
+HOST_KV_CACHE_LIMIT = 4 << 30
+
+
+def blocks_for_full_batch(cfg: EngineConfig, max_model_len: int) -> int:
+    """Blocks that let every sequence the scheduler may run at once (max_num_seqs, fewer when
+    max_num_batched_tokens is smaller) reach max_model_len tokens: ceil(max_model_len / block_size) each."""
+    running = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+    return -(-max_model_len // cfg.block_size) * running
+
+
 def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> int:
-    """Blocks for the KV cache: as configured, from kv_cache_memory, or from free GPU memory."""
+    """Blocks for the KV cache: as configured, from kv_cache_memory, from free GPU memory on CUDA, or elsewhere
+    (CPU) what max_num_seqs full-length sequences need, at most HOST_KV_CACHE_LIMIT bytes."""
     if cfg.num_kv_blocks:
         return cfg.num_kv_blocks
     per_block = kv_block_bytes(model, cfg.block_size)
     device = model.lm_head.weight.device
     if cfg.kv_cache_memory:
-        budget = cfg.kv_cache_memory
+        blocks = cfg.kv_cache_memory // per_block
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = int(free - (1 - cfg.gpu_memory_utilization) * total)
-    else:  # CPU: room for max_num_seqs full-length sequences, capped at 4 GiB
-        budget = min(cfg.max_num_seqs * max_model_len * per_block // cfg.block_size, 4 << 30)
-    blocks = budget // per_block
+        blocks = int(free - (1 - cfg.gpu_memory_utilization) * total) // per_block
+    else:  # the cache is zero-filled up front: allocate what the limits can use, not the whole budget
+        blocks = min(blocks_for_full_batch(cfg, max_model_len), HOST_KV_CACHE_LIMIT // per_block)
     if blocks * cfg.block_size < max_model_len:
         raise ValueError(f"the KV cache holds {blocks * cfg.block_size} tokens, less than max_model_len "
                          f"{max_model_len}; give it more memory (kv_cache_memory / gpu_memory_utilization)")
@@ -56,8 +67,8 @@ def resolve_backend(name: str, device: torch.device) -> str:
     if name == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "triton" and not triton_available():
-        raise ValueError("attention_backend='triton' needs the triton package (it comes with CUDA builds of "
-                         "torch); use 'torch' or 'auto'")
+        raise ValueError("attention_backend='triton' (CLI: --attention-backend triton) needs the triton package "
+                         "(it comes with CUDA builds of torch); use 'torch' or 'auto'")
     return name
 
 
