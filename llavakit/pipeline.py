@@ -67,8 +67,9 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
     directory for original checkpoints that do not contain their tower. conv_mode: override the
     conversation template chosen from the checkpoint's files. load_format="dummy": `model` names a preset
-    (llavakit.presets) and the weights are random, for speed and memory measurements; `tokenizer` is then
-    required: a tokenizer directory matching the preset's vocabulary (e.g. a LLaMA tokenizer).
+    (llavakit.presets) and the weights are random, for speed and memory measurements; `tokenizer`: a tokenizer
+    directory matching the preset's vocabulary (default: the LLaMA tokenizer shipped in llavakit.assets, for
+    the presets with a LLaMA vocabulary; the others need one).
     num_frames: frames sampled from each video (default: the checkpoint's, else 32).
     image_aspect_ratio: override how images are preprocessed (default None: what the checkpoint's files say):
     "pad" is what LLaVA-1.5 was trained and evaluated with (expand2square; llava-hf 1.5 repos ship a CLIP
@@ -142,7 +143,12 @@ class Pipeline:
     def tokenize(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                  videos: list[Any] | None = None) -> list[int]:
         """The exact input ids `generate` would feed the model."""
-        return self._inputs(self._render_prompt(prompt, images, videos, conv_mode), images, videos).ids
+        return self.inputs(prompt, images, conv_mode, videos=videos).ids
+
+    def inputs(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
+               videos: list[Any] | None = None) -> PromptInputs:
+        """What `generate` would feed the model: input ids and the preprocessed media, each prepared once."""
+        return self._inputs(self._render_prompt(prompt, images, videos, conv_mode), images, videos)
 
     def generate(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                  videos: list[Any] | None = None, **sampling) -> GenerationOutput:

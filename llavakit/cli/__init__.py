@@ -23,7 +23,7 @@ from llavakit.cli import (
     serve,
     train,
 )
-from llavakit.cli.common import USER_ERRORS, CliError, HelpFormatter, UsageError
+from llavakit.cli.common import USER_ERRORS, CliError, HelpFormatter, UsageError, error_line
 
 EPILOG = """examples:
   llavakit chat --model llava-hf/llava-1.5-7b-hf --image photo.jpg
@@ -69,11 +69,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llavakit: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
 
-
-def error_line(e: BaseException) -> str:
-    """The one line an error is reported as: its message's first line; a KeyError says which key is missing
-    (its own text is only the key's repr), an error without a message says what kind it is."""
-    if isinstance(e, KeyError) and len(e.args) == 1:
-        return f"missing key {e.args[0]!r}"
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

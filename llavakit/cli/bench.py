@@ -12,7 +12,7 @@ import platform
 import sys
 from pathlib import Path
 
-from llavakit.cli.common import add_image_aspect_ratio_flag, add_threads_flag, positive_int, set_threads
+from llavakit.cli.common import add_image_aspect_ratio_flag, add_threads_flag, number, set_threads
 
 HELP = "measure serving speed (batch 1..10 x 256 tokens, offline throughput) against transformers"
 EXAMPLE = """examples:
@@ -36,11 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch sizes of MindIE's performance protocol (one image per request)")
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--requests", type=int, default=32, help="offline-throughput requests")
-    p.add_argument("--distinct-images", type=positive_int, metavar="N",
+    p.add_argument("--distinct-images", type=number(int, 1), metavar="N",
                    help="reuse images: each batch holds at most N distinct images (default: one per request). "
                         "The engine encodes a repeated image once, transformers every time: a run with reuse "
                         "flatters the engine")
-    p.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+    p.add_argument("--repeats", type=number(int, 1), default=1, metavar="N",
                    help="rounds of engine then transformers, each on fresh images; medians and min/max reported")
     p.add_argument("--compare-transformers", action="store_true", help="also run transformers' generate")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where results go")

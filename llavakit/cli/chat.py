@@ -13,8 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from llavakit.cli.checks import check_images, check_videos, number
-from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+from llavakit.cli.checks import check_images, check_videos
+from llavakit.cli.common import (add_model_flags, add_sampling_flags, error_line, load_pipeline, number,
+                                 sampling_kwargs)
 
 HELP = "chat about an image, several rounds, answers streamed"
 EXAMPLE = """examples:
@@ -120,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
         try:
             session.handle(line)
         except (ValueError, OSError) as e:  # a bad image, command or /save path: say so and go on, piped or not
-            print(f"llavakit: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            print(f"llavakit: error: {error_line(e)}", file=sys.stderr)
     return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from llavakit.config import ASPECT_RATIO_HELP, IMAGE_ASPECT_RATIOS
@@ -18,6 +20,15 @@ MAX_DEFAULT_THREADS = 16
 
 class CliError(Exception):
     """A runtime problem to report as one line."""
+
+
+def error_line(e: BaseException) -> str:
+    """The one line an error is reported as: its message's first line; a KeyError says which key is missing
+    (its own text is only the key's repr), an error without a message says what kind it is."""
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return f"missing key {e.args[0]!r}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 class UsageError(CliError):
@@ -63,22 +74,44 @@ def add_image_aspect_ratio_flag(g) -> None:
 
 def add_threads_flag(g) -> None:
     """--threads: torch's CPU threads, set before the model loads (see default_threads)."""
-    g.add_argument("--threads", type=positive_int, metavar="N",
+    g.add_argument("--threads", type=number(int, 1), metavar="N",
                    help="CPU threads for torch (torch.set_num_threads), set before loading. Default: "
                         "$OMP_NUM_THREADS when set, else half the CPUs this process may use, at least 1 and at "
                         f"most {MAX_DEFAULT_THREADS} (too many threads on busy cores slow decoding sharply: "
                         "3.8 tokens/s with 2 threads against 314 with 1 on a loaded 2-core box)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts: an integer >= 1, anything else a usage error (exit 2)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def number(kind: type, minimum: float | None = None, maximum: float | None = None, *, above: float | None = None,
+           below: float | None = None, note: str = "") -> Callable[[str], float]:
+    """An argparse type: a `kind` (int or float) within [minimum, maximum] (`above` / `below`: strict bounds),
+    else a usage error that states the range, e.g. "argument --top-p: must be in (0, 1], got 2"."""
+    wanted = _range_text(minimum, maximum, above, below) + (f" ({note})" if note else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'} "
+                                             f"{wanted}, got {text!r}") from None
+        ok = not (isinstance(value, float) and math.isnan(value))
+        ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+        if not (ok and (above is None or value > above) and (below is None or value < below)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _range_text(minimum, maximum, above, below) -> str:
+    """">= 0", "> 0", "in (0, 1]", ... for the bounds given."""
+    low = f"[{minimum:g}" if minimum is not None else f"({above:g}" if above is not None else None
+    high = f"{maximum:g}]" if maximum is not None else f"{below:g})" if below is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return f"{'>=' if minimum is not None else '>'} {low[1:]}"
+    return f"{'<=' if maximum is not None else '<'} {high[:-1]}"
 
 
 def default_threads() -> int:
@@ -103,8 +136,6 @@ def set_threads(args: argparse.Namespace) -> int:
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """Sampling flags; values out of range are usage errors (exit 2), refused before any model loads."""
-    from llavakit.cli.checks import number
-
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=number(float, 0), default=0.2, metavar="T",
                    help="0 is greedy; LLaVA's own CLI samples at 0.2")

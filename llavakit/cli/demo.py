@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from llavakit.cli.checks import check_output, number
-from llavakit.cli.common import HelpFormatter, UsageError, add_threads_flag, set_threads
+from llavakit.cli.checks import check_output
+from llavakit.cli.common import HelpFormatter, UsageError, add_threads_flag, number, set_threads
 
 HELP = "the built-in demo model: train it (about 290 minutes on 2 CPU cores) or evaluate it"
 EXAMPLE = """examples:

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from llavakit.cli.checks import check_output, number
-from llavakit.cli.common import CliError, HelpFormatter, add_threads_flag, set_threads
+from llavakit.cli.checks import check_output
+from llavakit.cli.common import CliError, HelpFormatter, add_threads_flag, number, set_threads
 from llavakit.eval.scorers import TASKS
 
 HELP = "score answers on a benchmark, CLIP-score captions, or compare two caption sets"

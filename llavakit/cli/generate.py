@@ -7,8 +7,8 @@ import json
 import sys
 import time
 
-from llavakit.cli.checks import check_images, check_videos, number
-from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, sampling_kwargs
+from llavakit.cli.checks import check_images, check_videos
+from llavakit.cli.common import add_model_flags, add_sampling_flags, load_pipeline, number, sampling_kwargs
 
 HELP = "answer one prompt about one or more images or videos"
 EXAMPLE = """examples:

@@ -7,8 +7,7 @@ import argparse
 import os
 import sys
 
-from llavakit.cli.checks import number
-from llavakit.cli.common import CliError, add_model_flags, load_pipeline
+from llavakit.cli.common import CliError, add_model_flags, load_pipeline, number
 
 HELP = "serve a model over HTTP (OpenAI chat/completions, TGI, vLLM, Triton formats)"
 EXAMPLE = """examples:

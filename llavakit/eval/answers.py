@@ -152,14 +152,9 @@ def extract_choice(text: str, letters: str = "ABCDEFGH") -> str | None:
 ANSWERS_FORMAT = "llavakit predict's answers: one {\"question_id\", \"text\"} object per line (model_vqa JSONL)"
 
 
-def read_jsonl(path: str | Path, expected: str = "one JSON object per line") -> list[dict]:
-    """The JSON objects of a JSONL file, blank lines skipped; errors name the file, the line and `expected`."""
-    return datafiles.read_jsonl(path, expected)
-
-
 def read_answers(path: str | Path) -> dict[str, str]:
     """A `llavakit predict` answers file as {str(question_id): text}; a repeated id keeps its last answer."""
-    rows = read_jsonl(path, ANSWERS_FORMAT)
+    rows = datafiles.read_jsonl(path, ANSWERS_FORMAT)
     for row in rows:
         if "question_id" not in row or "text" not in row:
             raise ValueError(f"{row.where} has keys {sorted(row)}; expected 'question_id' and 'text' "

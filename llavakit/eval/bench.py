@@ -50,8 +50,6 @@ def protocol_name(batch_sizes=range(1, 11), output_tokens: int = 256) -> str:
     return f"MindIE's performance protocol (batch {span} x {output_tokens} tokens)"
 
 
-PROTOCOL_NAME = protocol_name()
-
 QUESTIONS = ["Describe this image.", "What is in the picture? Answer in detail, mentioning every object you see.",
              "Colour?", "Tell me about the shapes, their positions and their colours, one by one, left to right."]
 
@@ -174,8 +172,9 @@ def hf_generate(hf, pipe, requests: list[dict], params: list[SamplingParams], ba
     total_tokens, start = 0, time.perf_counter()
     for k in range(0, len(requests), batch):
         chunk, ps = requests[k:k + batch], params[k:k + batch]
-        ids = [pipe.tokenize(r["prompt"], images=r["images"]) for r in chunk]
-        pixels = torch.cat([p.pixel_values for r in chunk for p in pipe.processor.prepare_images(r["images"])])
+        inputs = [pipe.inputs(r["prompt"], images=r["images"]) for r in chunk]  # each image prepared once
+        ids = [x.ids for x in inputs]
+        pixels = torch.cat([m.pixel_values for x in inputs for m in x.media])
         width = max(map(len, ids))
         pad = tok.pad_token_id or 0
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)

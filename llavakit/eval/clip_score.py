@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from llavakit import datafiles
-from llavakit.eval.answers import read_jsonl
 from llavakit.eval.clip_judge import ClipJudge
 from llavakit.processing.image import load_image
 
@@ -179,7 +178,7 @@ def is_score_file(path: str | Path) -> bool:
 
 def read_scores(path: str | Path) -> dict[str, dict]:
     """{question_id: row} of a per-item score file written by `llavakit eval clip-score --output`."""
-    rows = read_jsonl(path, "a per-item score file written by `llavakit eval clip-score --output`")
+    rows = datafiles.read_jsonl(path, "a per-item score file written by `llavakit eval clip-score --output`")
     for row in rows:
         if "question_id" not in row or not isinstance(row.get("clip_score"), (int, float)):
             raise ValueError(f"{row.where} needs 'question_id' and a numeric 'clip_score' (a per-item score file "

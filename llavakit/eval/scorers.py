@@ -28,6 +28,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
+from llavakit.datafiles import read_json_or_jsonl, read_jsonl, read_text
 from llavakit.eval.answers import (
     extract_choice,
     mme_yes_no,
@@ -35,9 +36,7 @@ from llavakit.eval.answers import (
     normalize_vqa_answer,
     pope_yes_no,
     read_answers,
-    read_jsonl,
 )
-from llavakit.datafiles import read_json_or_jsonl, read_text
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")

@@ -326,6 +326,14 @@ def _read_file(p: Path, path: str, policy: FetchPolicy) -> bytes:
     return p.read_bytes()
 
 
+def is_url(source: str) -> bool:
+    """Whether `source` is a URL (http(s), data:, file:// or any other scheme://) rather than a file path."""
+    if source[:16].lower().startswith(("http://", "https://", "data:", "file://")):
+        return True
+    scheme, sep, _ = source.partition("://")
+    return bool(sep and scheme.isalnum())
+
+
 def read_source(source: str, policy: FetchPolicy | None = None) -> bytes:
     """Bytes of an http(s) URL, a data: URL, a file:// URL under the policy's local media root, or (if the
     policy allows) a local file path."""
@@ -337,7 +345,7 @@ def read_source(source: str, policy: FetchPolicy | None = None) -> bytes:
         return decode_data_url(source, policy.max_bytes)
     if lowered.startswith("file://"):
         return _read_file_url(source, policy)
-    scheme, sep, _ = source.partition("://")
-    if sep and scheme.isalnum():
+    if is_url(source):
+        scheme = source.partition("://")[0]
         raise MediaError(f"URL scheme {scheme!r} is not supported; use http(s), a data: URL or a file path")
     return _read_local(source, policy)

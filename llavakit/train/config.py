@@ -33,7 +33,7 @@ class TrainConfig:
     # scripts' convention); the recipe itself never deletes anything in it.
     overwrite_output_dir: bool = False
     conv_mode: str | None = None  # template; pretrain defaults to plain; alias `version`
-    image_aspect_ratio: str | None = None  # pad | anyres | square: override the checkpoint's processing
+    image_aspect_ratio: str | None = None  # pad | crop (square) | anyres: override the checkpoint's processing
     num_train_epochs: float = 1.0
     max_steps: int = -1
     per_device_train_batch_size: int = 1

@@ -23,7 +23,7 @@ from llavakit.config import IGNORE_INDEX
 from llavakit.datafiles import read_text
 from llavakit.processing.conversation import Template, add_image_tags, render_segments
 from llavakit.processing.image import ImageError
-from llavakit.processing.media import FetchPolicy, MediaError, read_source
+from llavakit.processing.media import FetchPolicy, MediaError, is_url, read_source
 from llavakit.processing.prompt import IMAGE_TAG, PreparedImage, PromptProcessor
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -141,11 +141,7 @@ def _local_sources(row: Any) -> list[str]:
     """The image paths a raw row names that are files, not URLs (nothing for malformed rows)."""
     image = row.get("image") if isinstance(row, dict) else None
     sources = [image] if isinstance(image, str) else image if isinstance(image, list) else []
-    return [s for s in sources if isinstance(s, str) and s and not _is_url(s)]
-
-
-def _is_url(source: str) -> bool:
-    return source[:8].lower().startswith(("http://", "https://", "data:"))
+    return [s for s in sources if isinstance(s, str) and s and not is_url(s)]
 
 
 def missing_image_files(records: list, image_folder: Path | None) -> list[tuple[int, Path]]:
@@ -288,7 +284,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise type(e)(f"image {source!r}: {e}") from None
 
     def _read(self, source: str) -> bytes:
-        if _is_url(source):
+        if is_url(source):
             return self._fetch(source)
         path = image_path(source, self.image_folder)
         if not path.is_file():

@@ -130,7 +130,7 @@ def test_workloads_use_distinct_images_unless_asked():
 
 
 def test_protocol_name():
-    assert bench.PROTOCOL_NAME == "MindIE's performance protocol (batch 1-10 x 256 tokens)"
+    assert bench.protocol_name() == "MindIE's performance protocol (batch 1-10 x 256 tokens)"
     assert bench.protocol_name([1, 2, 4], 64) == "MindIE's performance protocol (batch 1,2,4 x 64 tokens)"
 
 

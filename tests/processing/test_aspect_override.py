@@ -249,9 +249,12 @@ def test_default_threads(monkeypatch):
 
 
 def test_threads_type_is_positive():
-    assert common.positive_int("4") == 4
-    with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
-        common.positive_int("0")
+    parser = argparse.ArgumentParser()
+    common.add_threads_flag(parser)
+    assert parser.parse_args(["--threads", "4"]).threads == 4
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match=">= 1"):
+            common.number(int, 1)(bad)
 
 
 def test_version(capsys):

@@ -262,3 +262,14 @@ def test_trusted_hosts_exempt_that_host_and_port_only(server):
         fetch_url(server.replace("127.0.0.1", "localhost") + "/ok", trusted)
     with pytest.raises(ValueError, match="host:port"):
         FetchPolicy(trusted_hosts=("127.0.0.1",))
+
+
+@pytest.mark.parametrize("source, url", [("http://a/b.png", True), ("HTTPS://a/b.png", True),
+                                         ("data:image/png;base64,x", True), ("file:///tmp/a.png", True),
+                                         ("ftp://host/a.png", True),
+                                         ("images/a.png", False), ("/tmp/a.png", False), ("a:b.png", False),
+                                         ("dir/x://y.png", False)])
+def test_is_url_tells_urls_from_file_paths(source, url):
+    from llavakit.processing.media import is_url
+
+    assert is_url(source) is url
