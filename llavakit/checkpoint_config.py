@@ -6,9 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llavakit.config import (CLIP_MEAN, CLIP_STD, KNOWN_VISION_TOWERS, LLAVA_MODEL_TYPES, ORIGINAL_ARCHITECTURES,
-                             ORIGINAL_IMAGE_TOKEN_ID, ConfigError, ImageConfig, LlavaConfig, TextConfig,
-                             VideoConfig, VisionConfig, load_json, parse_pinpoints)
+from llavakit.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    KNOWN_VISION_TOWERS,
+    LLAVA_MODEL_TYPES,
+    ORIGINAL_ARCHITECTURES,
+    ORIGINAL_IMAGE_TOKEN_ID,
+    ConfigError,
+    ImageConfig,
+    LlavaConfig,
+    TextConfig,
+    VideoConfig,
+    VisionConfig,
+    load_json,
+    parse_pinpoints,
+)
 
 # Token ids transformers assumes when a config omits them: llava-hf NeXT-Video put <video> first (32000).
 _DEFAULT_TOKEN_IDS = {"llava": (32000, None), "llava_next": (32000, None), "llava_next_video": (32001, 32000)}
@@ -105,9 +118,19 @@ def _image_config(preproc: Path | None, vision: VisionConfig, mode: str, pinpoin
         else:
             mode = "pad" if p.get("do_pad") else "crop"
     short = size.get("shortest_edge") or size.get("height") or vision.image_size
+    check_crop_size(int(crop.get("height") or short), vision.image_size, preproc)
     return ImageConfig(mode=mode, size=int(short), crop_size=int(crop.get("height") or short),
                        mean=tuple(p.get("image_mean", CLIP_MEAN)), std=tuple(p.get("image_std", CLIP_STD)),
                        rescale_factor=float(p.get("rescale_factor", 1 / 255)), pinpoints=pinpoints)
+
+
+def check_crop_size(crop: int, tower: int, preproc: Path) -> None:
+    """Refuse images of another size than the vision tower's (`preproc`'s directory holds its config.json): its
+    position embeddings fit image_size only, so the first image would stop on a shape mismatch."""
+    if crop != tower:
+        raise ConfigError(f"{preproc} crops images to {crop}x{crop} (crop_size) but the vision tower in "
+                          f"{preproc.parent / 'config.json'} takes {tower}x{tower} (image_size); set crop_size and "
+                          f"size to {tower} in {preproc.name}, or use the one that came with this vision tower")
 
 
 def _video_config(preproc: Path, vision: VisionConfig) -> VideoConfig | None:

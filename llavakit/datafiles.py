@@ -8,6 +8,7 @@ row without that key says "a.jsonl:3 has no 'answers' key (it has 'question_id',
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Any
@@ -31,19 +32,44 @@ class Record(dict):
 
 
 def read_text(path: str | Path, expected: str) -> str:
-    """The UTF-8 text of `path`; an error that names the file and what it should be when it is missing, a
-    directory, unreadable or not UTF-8."""
+    """The UTF-8 text of `path` (a leading UTF-8 byte-order mark dropped, as Windows editors write one); an
+    error that names the file and what it should be when it is missing, a directory, unreadable or not UTF-8."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataFileError(f"{path} does not exist; expected {expected}") from None
     except IsADirectoryError:
         raise DataFileError(f"{path} is a directory; expected a file: {expected}") from None
-    except UnicodeDecodeError as e:
-        raise DataFileError(f"{path} is not UTF-8 text (byte {e.start}); expected {expected}") from None
     except OSError as e:
         raise DataFileError(f"{path} could not be read ({e.strerror or e}); expected {expected}") from None
+    return _decode_utf8(data, path, expected)
+
+
+# Longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_OTHER_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+               (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
+def _decode_utf8(data: bytes, path: Path, expected: str) -> str:
+    """`data` as UTF-8, or a DataFileError saying where it is not (line and column of the first bad byte)."""
+    fix = f"save it as UTF-8 (expected {expected})"
+    for bom, encoding in _OTHER_BOMS:
+        if data.startswith(bom):
+            raise DataFileError(f"{path}: not UTF-8 text ({encoding}: it starts with a {encoding} byte-order mark); "
+                                f"{fix}")
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, line_start = data.count(b"\n", 0, e.start) + 1, data.rfind(b"\n", 0, e.start) + 1
+        column = len(data[line_start:e.start].decode("utf-8")) + 1  # in characters, as editors count
+        raise DataFileError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}, column {column}); "
+                            f"{fix}") from None
+    if "\0" in text[:4096]:  # a NUL never belongs in a text file; every other byte NUL is UTF-16 without a mark
+        raise DataFileError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 without a byte-order mark, or binary); "
+                            f"{fix}")
+    return text
 
 
 def parse_json(text: str, where: str, expected: str) -> Any:
@@ -87,7 +113,7 @@ def parse_jsonl(text: str, where: str, expected: str) -> list[Record]:
             raise DataFileError(f"{where}:{n} is not valid JSON ({e.msg} at column {e.colno}); expected "
                                 f"{expected}") from None
         if not isinstance(row, dict):
-            raise DataFileError(f"{where}:{n} is a JSON {_kind(row)}, not an object; expected {expected}")
+            raise DataFileError(f"{where}:{n} is a JSON {json_kind(row)}, not an object; expected {expected}")
         rows.append(Record(row, f"{where}:{n}", expected))
     return rows
 
@@ -102,6 +128,7 @@ def read_json_or_jsonl(path: str | Path, expected: str) -> Any:
     return read_jsonl(path, expected) if Path(path).suffix == ".jsonl" else read_json(path, expected)
 
 
-def _kind(value: Any) -> str:
-    names = {list: "array", dict: "object", str: "string", bool: "boolean", type(None): "null"}
-    return names.get(type(value), "number")
+def json_kind(value: Any) -> str:
+    """The JSON name of a parsed value's type ("array", "object", ...), for error messages."""
+    kinds = ((list, "array"), (dict, "object"), (str, "string"), (bool, "boolean"), (type(None), "null"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "number")  # a Record is an object

@@ -133,10 +133,10 @@ def test_next_video_token_ids_default_as_transformers(tmp_path):
 def test_next_video_frame_settings_from_video_preprocessor_config(tmp_path):
     _cfg(tmp_path, NEXT_VIDEO_HF)
     (tmp_path / "ck" / "video_preprocessor_config.json").write_text(json.dumps(
-        {"video_processor_type": "LlavaNextVideoVideoProcessor", "num_frames": 8, "size": {"shortest_edge": 224},
-         "crop_size": {"height": 224, "width": 224}}))
+        {"video_processor_type": "LlavaNextVideoVideoProcessor", "num_frames": 8, "size": {"shortest_edge": 400},
+         "crop_size": {"height": 336, "width": 336}}))
     video = LlavaConfig.from_pretrained(tmp_path / "ck").video
-    assert video.num_frames == 8 and (video.frame.size, video.frame.crop_size) == (224, 224)
+    assert video.num_frames == 8 and (video.frame.size, video.frame.crop_size) == (400, 336)
 
 
 @pytest.mark.parametrize("change, message", [

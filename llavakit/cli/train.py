@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from llavakit.cli.common import CliError, add_threads_flag, set_threads
-from llavakit.train.config import ALIASES, SCHEDULERS, STAGES, TrainConfig, make_config
+from llavakit.train.config import ALIASES, SAVE_DTYPES, SCHEDULERS, STAGES, TrainConfig, make_config
 
 HELP = "train: stage pretrain | finetune | lora (one process, or many under torchrun)"
 EXAMPLE = """examples:
@@ -71,15 +71,19 @@ OPTION_HELP = {
     "group_by_modality_length": "batches of image rows and batches of text rows, never mixed (faster)",
     "dataloader_num_workers": "DataLoader worker processes that read and preprocess rows (0: in the main process)",
     "seed": "seed of the model's new weights, data order and dropout",
-    "max_bad_fraction": "stop when more than this fraction of the rows had to be skipped (bad rows, missing images)",
+    "max_bad_fraction": "stop when more than this fraction of the rows had to be skipped (bad rows, missing images); "
+                        "below it a skipped row only leaves its step smaller, or skips a step whose every row is bad",
     "max_nonfinite_steps": "stop after this many non-finite losses in a row",
     "resume_from_checkpoint": "go on from a checkpoint-N directory, or 'latest' (alone, or as --resume): the last "
                               "one in --output-dir; model, optimizer, scheduler, RNG and data position are restored",
     "distributed": "under torchrun: auto (DDP), ddp or fsdp",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "image_cache_dir": "where images fetched from URLs are cached (default: OUTPUT_DIR/image_cache)",
+    "save_dtype": "dtype of the weights checkpoints are saved in (default: the dtype --model is stored in; "
+                  "training itself runs in float32)",
 }
-CHOICES = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "distributed": ("auto", "ddp", "fsdp")}
+CHOICES = {"stage": STAGES, "lr_scheduler_type": SCHEDULERS, "distributed": ("auto", "ddp", "fsdp"),
+           "save_dtype": SAVE_DTYPES}
 # Flags beyond the two spellings of each option: the original's aliases, and --resume for "latest".
 EXTRA_NAMES = {"resume_from_checkpoint": ["--resume"]}
 
@@ -165,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         history = train(cfg)
     except TrainingError as e:  # bad data or a diverged loss: the message says what to do, no traceback
         raise CliError(str(e)) from e
-    if history and os.environ.get("RANK", "0") == "0":
-        print(f"trained {history[-1].step} steps, final loss {history[-1].loss:.4f}; model in {cfg.output_dir}/final",
+    trained = [s for s in history if s.tokens]  # a step whose rows were all skipped has no loss
+    if trained and os.environ.get("RANK", "0") == "0":
+        print(f"trained {history[-1].step} steps, final loss {trained[-1].loss:.4f}; model in {cfg.output_dir}/final",
               file=sys.stderr)
     return 0

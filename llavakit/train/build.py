@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llavakit.config import (ConfigError, ImageConfig, LlavaConfig, TextConfig, VisionConfig, load_json,
-                             with_image_aspect_ratio)
+from llavakit.checkpoint_config import check_crop_size
+from llavakit.config import (
+    ConfigError,
+    ImageConfig,
+    LlavaConfig,
+    TextConfig,
+    VisionConfig,
+    load_json,
+    with_image_aspect_ratio,
+)
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.pipeline import load_processor, load_tokenizer
 from llavakit.processing.conversation import get_template
@@ -35,7 +43,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LlavaForConditi
     if processor.cfg.layout == "original":
         raise ConfigError("training starts from llava-hf checkpoints; convert this original-layout checkpoint "
                           "first (llavakit.weights.save.save_llava_hf) or train from its llava-hf version")
-    _check_saveable(processor.cfg, cfg.image_aspect_ratio)
+    _check_saveable(processor.cfg, cfg.image_aspect_ratio)  # (a crop size the tower cannot take: refused on load)
     return load_llava(processor.cfg, directory, torch.float32, device), processor, directory
 
 
@@ -58,13 +66,17 @@ def build_from_parts(llm_dir: Path, cfg: TrainConfig, device: torch.device):
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     raw = load_json(llm_dir / "config.json")
-    text = TextConfig.from_dict({**raw, "vocab_size": max(raw.get("vocab_size", 0), math.ceil(len(tokenizer) / 64) * 64)})
+    vocab = max(raw.get("vocab_size", 0), math.ceil(len(tokenizer) / 64) * 64)
+    text = TextConfig.from_dict({**raw, "vocab_size": vocab})
     vision = VisionConfig.from_dict(load_json(clip_dir / "config.json"))
-    preproc = load_json(clip_dir / "preprocessor_config.json") if (clip_dir / "preprocessor_config.json").is_file() else {}
-    size = (preproc.get("crop_size") or {}).get("height", vision.image_size)
+    preproc_file = clip_dir / "preprocessor_config.json"
+    preproc = load_json(preproc_file) if preproc_file.is_file() else {}
+    crop = preproc.get("crop_size") or vision.image_size  # {"height": 336, ...}, or 336 in older files (openai/clip-*)
+    size = int(crop.get("height", vision.image_size) if isinstance(crop, dict) else crop)
     model_cfg = LlavaConfig(vision=vision, text=text, image=ImageConfig(mode="pad", size=size, crop_size=size),
                             model_type="llava", image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                             name_or_path=str(llm_dir))
+    check_crop_size(size, vision.image_size, preproc_file)
     model_cfg = with_image_aspect_ratio(model_cfg, cfg.image_aspect_ratio)  # a LLaVA-1.5 model: pad or crop
     old_vocab = raw.get("vocab_size", text.vocab_size)
     loaders = {"language_model.embed_tokens.weight": _grow_rows(old_vocab)}

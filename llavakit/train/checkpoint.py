@@ -2,30 +2,59 @@
 checkpoint whole; resume restores model, optimizer, scheduler, RNG and data position.
 
 A checkpoint directory holds a loadable model (llava-hf files; for LoRA the peft-format adapter plus
-`non_lora_trainables.safetensors`) and `trainer_state.pt` (optimizer, scheduler, RNG, step), read back
-with `weights_only=True`.
+`non_lora_trainables.safetensors`) in the save dtype, and `trainer_state.pt` (optimizer, scheduler, RNG, step,
+and the float32 value of every weight the save dtype rounds), read back with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import random
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from llavakit.models.llava import LlavaForConditionalGeneration
-from llavakit.train.lora import save_adapter
+from llavakit.train.lora import NON_LORA_PREFIXES, save_adapter
+from llavakit.weights.files import find_weight_files, load_bin
 from llavakit.weights.save import save_llava_hf
 
 STATE_FILE = "trainer_state.pt"
-NON_LORA_FILE = "non_lora_trainables.safetensors"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def weights_dtype(directory: Path) -> torch.dtype:
+    """The dtype most of a checkpoint's floating-point tensors are stored in (read from the safetensors headers):
+    the dtype training saves in unless told otherwise. float32 when none is float32, float16 or bfloat16."""
+    counts: Counter = Counter()
+    for f in find_weight_files(directory):
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as handle:
+                counts.update(_SAFETENSORS_DTYPES.get(handle.get_slice(n).get_dtype()) for n in handle.keys())
+        else:
+            counts.update(t.dtype for t in load_bin(f).values())
+    found = {dtype: n for dtype, n in counts.items() if dtype in _SAFETENSORS_DTYPES.values()}
+    return max(found, key=found.get) if found else torch.float32
+
+
+def rounded_weights(state: dict[str, torch.Tensor], dtype: torch.dtype, stage: str) -> dict[str, torch.Tensor]:
+    """The exact values of the weights that saving in `dtype` rounds and that resuming reads back from the
+    checkpoint's model files (LoRA: adapter and projector; its base comes from the model it started from). Kept
+    in trainer_state.pt, so a resumed run goes on from the weights the interrupted one had."""
+    def read_back(name: str) -> bool:
+        name = name.removeprefix("model.")
+        return stage != "lora" or ".lora_" in name or name.startswith(NON_LORA_PREFIXES)
+
+    return {name: t for name, t in state.items()
+            if read_back(name) and t.is_floating_point() and not torch.equal(t.to(dtype).to(t.dtype), t)}
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -49,10 +78,7 @@ def write_model(directory: Path, model: LlavaForConditionalGeneration, stage: st
                 base: str, lora: dict, extra: dict[str, torch.Tensor]) -> None:
     """The model part of a checkpoint: llava-hf files, or for LoRA the adapter + fully trained parts."""
     if stage == "lora":
-        save_adapter(model, directory, base_model=base, **lora)
-        trained = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
-                   if n.startswith(("projector.", "image_newline"))}
-        save_file(trained, directory / NON_LORA_FILE)
+        save_adapter(model, directory, base_model=base, **lora)  # adapter + projector (llava-hf names)
         tokenizer.save_pretrained(directory)
     else:
         save_llava_hf(model, directory, tokenizer=tokenizer, extra_tensors=extra)
@@ -102,8 +128,11 @@ def training_state(module: nn.Module, optimizer, scheduler, step: int) -> dict[s
 
 
 def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler) -> int:
-    """Load optimizer, scheduler and RNG state; returns the step to continue from."""
+    """Load the weights the save dtype rounded, optimizer, scheduler and RNG state; returns the step to continue
+    from."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("weights"):
+        set_model_state_dict(module, state["weights"], options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -116,9 +145,3 @@ def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler) 
 def _as_python_rng(state) -> tuple:
     version, internal, gauss = state
     return version, tuple(internal), gauss
-
-
-def load_non_lora(path: Path, model: nn.Module) -> None:
-    """The fully trained parts (projector) saved beside a LoRA adapter."""
-    for name, tensor in load_file(path / NON_LORA_FILE).items():
-        model.get_parameter(name).data.copy_(tensor)

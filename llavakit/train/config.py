@@ -17,6 +17,7 @@ from llavakit.datafiles import read_text
 
 STAGES = ("pretrain", "finetune", "lora")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(slots=True)
@@ -68,12 +69,15 @@ class TrainConfig:
     distributed: str = "auto"  # auto (DDP when launched by torchrun) | ddp | fsdp
     device: str = "auto"
     image_cache_dir: str | None = None  # where image URLs are cached (default output_dir/image_cache)
+    save_dtype: str | None = None  # dtype of the saved weights: float32 | float16 | bfloat16 (default: --model's)
 
     def __post_init__(self):
         checks = [
             (self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}"),
             (self.lr_scheduler_type in SCHEDULERS, f"lr_scheduler_type must be one of {SCHEDULERS}"),
             (self.distributed in ("auto", "ddp", "fsdp"), "distributed must be auto, ddp or fsdp"),
+            (self.save_dtype in (None, *SAVE_DTYPES),
+             f"save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}"),
             (self.per_device_train_batch_size >= 1 and self.gradient_accumulation_steps >= 1,
              "per_device_train_batch_size and gradient_accumulation_steps must be >= 1"),
             (1 <= self.micro_batches_by_length <= self.per_device_train_batch_size,
@@ -96,9 +100,6 @@ class TrainConfig:
     @property
     def template_name(self) -> str | None:
         return self.conv_mode or ("plain" if self.stage == "pretrain" else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 ALIASES = {"model_name_or_path": "model", "version": "conv_mode", "unfreeze_mm_vision_tower": "unfreeze_vision",

@@ -8,7 +8,6 @@ from the character offsets of those very tokens, so labels and ids cannot disagr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from bisect import bisect_right
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from llavakit.config import IGNORE_INDEX
-from llavakit.datafiles import read_text
+from llavakit.datafiles import DataFileError, Record, json_kind, read_json_or_jsonl
 from llavakit.processing.conversation import Template, add_image_tags, render_segments
 from llavakit.processing.image import ImageError
 from llavakit.processing.media import FetchPolicy, MediaError, is_url, read_source
@@ -28,6 +27,8 @@ from llavakit.processing.prompt import IMAGE_TAG, PreparedImage, PromptProcessor
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_LENGTH_ESTIMATE = 128
+DATA_FORMAT = ("LLaVA training data (data_path / --data-path): a JSON array of records, or one record per line in "
+               "a file named .jsonl")
 
 
 class BadSample(ValueError):
@@ -94,7 +95,8 @@ def parse_record(row: dict, index: int) -> Sample:
     if not isinstance(row, dict):
         raise BadSample(f"row {index}: expected a JSON object, got {type(row).__name__}")
     sample_id = str(row.get("id", index))
-    where = f"row {index} (id {sample_id!r})"
+    place = row.where if isinstance(row, Record) else f"row {index}"  # a Record knows its file: "data.jsonl:7"
+    where = f"{place} (id {sample_id!r})"
     conversations = row.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise BadSample(f"{where}: no conversations (expected a non-empty 'conversations' list)")
@@ -104,24 +106,12 @@ def parse_record(row: dict, index: int) -> Sample:
 
 
 def load_records(path: str | Path) -> list[dict]:
-    """Rows of a JSON array file, or of a JSON-lines file (.jsonl: one object per line)."""
-    path = Path(path)
-    text = read_text(path, "LLaVA training data (data_path / --data-path): a JSON array of records, or one "
-                           "record per line in a file named .jsonl")
-    if path.suffix == ".jsonl":
-        return [_json(line, f"{path}: line {n}") for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    rows = _json(text, str(path))
+    """Rows of a JSON array file, or of a JSON-lines file (.jsonl: one object per line), as datafiles Records
+    (which know their file and line or item, for the messages about them)."""
+    rows = read_json_or_jsonl(path, DATA_FORMAT)
     if not isinstance(rows, list):
-        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, expected an array of records")
+        raise DataFileError(f"{path} holds a JSON {json_kind(rows)}; expected {DATA_FORMAT}")
     return rows
-
-
-def _json(text: str, name: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); expected a "
-                         "JSON array of records, or one record per line in a file named .jsonl") from None
 
 
 def image_path(source: str, image_folder: Path | None) -> Path:
@@ -180,7 +170,7 @@ def _segments(processor: PromptProcessor, sample: Sample, template: Template,
 
 def _encode(tokenizer: Any, segments: list[tuple[str, bool]], images: list[PreparedImage],
             image_id: int) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """ids, labels and each image's placeholder run [start, end), by tokenize_chunks' rule: every
+    """ids, labels and each image's placeholder run [start, end), by tokenize_texts' rule: every
     chunk between tags encoded alone, later chunks without their BOS; offsets shifted to the full text."""
     starts = list(accumulate((len(t) for t, _ in segments), initial=0))  # segment k: [starts[k], starts[k + 1])
     chunks = "".join(t for t, _ in segments).split(IMAGE_TAG)
@@ -268,7 +258,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             images = [self._prepare(source) for source in sources]
             ids, labels, kept = tokenize_sample(self.processor, sample, self.template, images, self.max_length)
         except (BadSample, ImageError, MediaError, OSError) as e:
-            return Skipped(i, f"{type(e).__name__}: {e}")
+            return Skipped(i, str(e))  # each message names the row or image and the problem
         return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixel_values": [im.pixel_values for im in images[:kept]],
                 "image_sizes": [im.size for im in images[:kept]], "index": i}
@@ -340,8 +330,7 @@ def collate(batch: list[dict[str, Any] | Skipped], pad_id: int = 0) -> dict[str,
 
 class ModalityGroupedBatches:
     """Deterministic global batches of dataset indices for one epoch. With `group_by_modality`, each
-    batch holds one modality only (image or text), which trains faster (SPEC §6); batches are shuffled.
-    Usable as a DataLoader `batch_sampler` (call `set_epoch` each epoch)."""
+    batch holds one modality only (image or text), which trains faster (SPEC §6); batches are shuffled."""
 
     def __init__(self, dataset_len: int, modality: list[str], batch_size: int, seed: int,
                  group_by_modality: bool, drop_last: bool = False):
@@ -350,7 +339,6 @@ class ModalityGroupedBatches:
                              f"modalities for {dataset_len} items, batch_size {batch_size}")
         self.dataset_len, self.modality, self.batch_size = dataset_len, modality, batch_size
         self.seed, self.group_by_modality, self.drop_last = seed, group_by_modality, drop_last
-        self.epoch = 0
 
     def _cut(self, indices: list[int]) -> list[list[int]]:
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
@@ -367,13 +355,3 @@ class ModalityGroupedBatches:
         if self.group_by_modality:
             rng.shuffle(batches)
         return batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch that iteration yields (DataLoader batch_sampler protocol)."""
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(self.batches(self.epoch))
-
-    def __len__(self) -> int:
-        return len(self.batches(self.epoch))

@@ -74,17 +74,27 @@ def wrap(module: nn.Module, mode: str, info: DistInfo) -> nn.Module:
     return module
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 def all_reduce_sum(value: float | int, info: DistInfo) -> float:
     """Sum of a number over all processes."""
+    return all_reduce_sums([value], info)[0]
+
+
+def all_reduce_sums(values: list[float | int], info: DistInfo) -> list[float]:
+    """Element-wise sums of a list of numbers over all processes (one collective)."""
     if not info.enabled:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=info.device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
+
+
+def all_gather_objects(items: list, info: DistInfo) -> list:
+    """Every process's `items` (picklable), concatenated in rank order."""
+    if not info.enabled:
+        return list(items)
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def barrier(info: DistInfo) -> None:

@@ -7,7 +7,10 @@ wraps the model as `base_model.model.*`, which checkpointing, FSDP wrapping and 
 have to special-case. Merging into plain weights and saving in llava-hf layout is a few lines.
 
 The adapter *file* format is peft's (`adapter_model.safetensors` keyed by llava-hf hub module names,
-`adapter_config.json`), so adapters move freely between llavakit and peft + transformers.
+`adapter_config.json`), so adapters move freely between llavakit and peft + transformers. Beside it,
+`non_lora_trainables.safetensors` (original LLaVA's name for them) holds what a LoRA run trains fully (the
+projector, a NeXT image_newline) under llava-hf hub names too, which transformers users load into the base
+model before wrapping it with peft.
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from torch import nn
 
 from llavakit.datafiles import read_json
 from llavakit.layers.linear import Linear
-from llavakit.weights.name_maps import LAYOUTS, detect_layout, is_unused, map_name
+from llavakit.weights.name_maps import LAYOUTS, LLAVA_HF, TRANSFORMERS_5, Rules, detect_layout, is_unused, map_name
 from llavakit.weights.save import TO_LLAVA_HF
 
 # Every Linear of the LLM, as LLaVA's LoRA recipe (the tower, projector and LM head are not adapted).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+NON_LORA_PREFIXES = ("projector.", "image_newline")  # what a LoRA run trains besides the adapters
+# Names read from NON_LORA_FILE: llava-hf (what save_adapter writes), transformers-5, or llavakit's own (which
+# older adapter directories hold).
+NON_LORA_NAMES: Rules = LLAVA_HF + TRANSFORMERS_5 + [("projector.", "projector.")]
 PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)\.weight$")
 
@@ -138,10 +146,17 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def non_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fully trained parts (NON_LORA_PREFIXES) under llava-hf hub names: `multi_modal_projector.linear_1.weight`."""
+    return {map_name(n, TO_LLAVA_HF): p.detach().cpu().contiguous() for n, p in model.named_parameters()
+            if n.startswith(NON_LORA_PREFIXES)}
+
+
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, r: int = 128, alpha: float = 256,
                  dropout: float = 0.05, targets: tuple[str, ...] = DEFAULT_TARGETS,
                  scope: str = "language_model") -> Path:
-    """Write adapter_model.safetensors and adapter_config.json (peft LORA) to `out_dir`.
+    """Write adapter_model.safetensors and adapter_config.json (peft LORA), and the projector (+ image_newline)
+    as NON_LORA_FILE, to `out_dir`: everything a LoRA run changes, so base + `out_dir` is the trained model.
 
     r/alpha/dropout/targets/scope are those given to apply_lora; r and alpha are checked against the model.
     """
@@ -154,6 +169,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, r: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(lora_state_dict(model), out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    save_file(non_lora_state_dict(model), out / NON_LORA_FILE, metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(_peft_config(base_model, r, alpha, dropout, targets, scope), indent=2))
     return out
 
@@ -171,7 +187,8 @@ def _peft_config(base_model: str, r: int, alpha: float, dropout: float, targets,
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Wrap the layers a peft LORA adapter holds weights for and load them (llava-hf or transformers-5 names).
+    """Wrap the layers a peft LORA adapter holds weights for and load them (llava-hf or transformers-5 names),
+    then the fully trained parts in NON_LORA_FILE when the directory has one.
 
     The layers come from the file's keys, so list- and regex-style `target_modules` both load; adapters
     of tower layers past the feature layer (never built, see clip.py) are skipped. Everything is checked
@@ -192,12 +209,33 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         want = (r, m.in_features) if kind == "lora_A" else (m.out_features, r)
         if tuple(value.shape) != want:
             raise ValueError(f"{adapter_dir}: {name} has shape {tuple(value.shape)}, expected {want} (r={r})")
+    non_lora = adapter_dir / NON_LORA_FILE
+    trained = _non_lora_tensors(model, non_lora) if non_lora.is_file() else {}
     _wrap(model, layers, r, cfg["lora_alpha"], cfg.get("lora_dropout", 0.0))
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in tensors.items():
+        for name, value in (tensors | trained).items():
             params[name].copy_(value)
     return model
+
+
+def _non_lora_tensors(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """NON_LORA_FILE's tensors under llavakit names, each checked to fit a parameter of `model`."""
+    params = dict(model.named_parameters())
+    out, bad = {}, []
+    for key, value in load_file(path).items():
+        try:
+            name = map_name(key, NON_LORA_NAMES)
+        except KeyError:
+            name = None
+        if name in params and params[name].shape == value.shape:
+            out[name] = value
+        else:
+            bad.append(f"{key} {tuple(value.shape)}")
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensors fit no parameter of this model: {', '.join(bad[:5])}; "
+                         "is the adapter for another base model?")
+    return out
 
 
 def _check_supported(cfg: dict, adapter_dir: Path) -> None:

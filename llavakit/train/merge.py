@@ -8,24 +8,21 @@ import torch
 
 from llavakit.config import load_json
 from llavakit.pipeline import load_processor, resolve_dtype
-from llavakit.train.checkpoint import NON_LORA_FILE, load_non_lora
-from llavakit.train.lora import load_adapter, merge_lora
+from llavakit.train.lora import ADAPTER_CONFIG, load_adapter, merge_lora
 from llavakit.weights.hub import resolve_model_dir
 from llavakit.weights.loader import load_llava
 from llavakit.weights.save import save_llava_hf, unused_source_tensors
 
 
 def merge_lora_checkpoint(base: str | Path, lora_dir: Path, out: Path, dtype: str = "auto") -> Path:
-    """Load base + adapter (+ non_lora_trainables), merge in fp32, write `out` as llava-hf."""
-    if not (Path(lora_dir) / "adapter_config.json").is_file():
-        raise ValueError(f"{lora_dir} has no adapter_config.json; pass the directory `llavakit train --stage lora` "
+    """Load base + adapter (+ non_lora_trainables, see load_adapter), merge in fp32, write `out` as llava-hf."""
+    if not (Path(lora_dir) / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{lora_dir} has no {ADAPTER_CONFIG}; pass the directory `llavakit train --stage lora` "
                          "wrote (e.g. OUTPUT_DIR/final)")
     directory = resolve_model_dir(base)
     processor = load_processor(directory)
     model = load_llava(processor.cfg, directory, torch.float32, torch.device("cpu"))
     load_adapter(model, lora_dir)
-    if (Path(lora_dir) / NON_LORA_FILE).is_file():
-        load_non_lora(Path(lora_dir), model)
     merge_lora(model)
     target = _target_dtype(directory, dtype)
     model.to(target)

@@ -29,7 +29,8 @@ from llavakit.train.build import build_model, param_groups, set_trainable
 from llavakit.train.config import TrainConfig
 from llavakit.train.data import (LlavaDataset, ModalityGroupedBatches, image_folder_hint, load_records,
                                  missing_image_files)
-from llavakit.train.distributed import DistInfo, all_reduce_sum, cleanup as dist_cleanup, init_distributed, wrap
+from llavakit.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, all_reduce_sums,
+                                        cleanup as dist_cleanup, init_distributed, wrap)
 from llavakit.train.lora import apply_lora, load_adapter
 from llavakit.train.metrics import TrainLogger, plot_loss_curve
 from llavakit.weights.save import unused_source_tensors
@@ -41,23 +42,40 @@ class TrainingError(RuntimeError):
 
 class LossModule(nn.Module):
     """The module DDP/FSDP wrap: its forward runs the model's three steps and returns the summed
-    token loss and the number of supervised tokens."""
+    token loss and the number of supervised tokens.
+
+    With `blank_image` a batch without images still runs the vision tower and projector, on a blank image whose
+    features count 0 in the loss. Under FSDP the recipe asks for it on the ranks without images when another rank
+    has some, so the sharded tower's all-gathers and gradient reductions happen on every rank, in the same order
+    (the original LLaVA feeds a zero image to text-only rows under ZeRO-3 for the same reason).
+    """
 
     def __init__(self, model: LlavaForConditionalGeneration):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: list[torch.Tensor],
-                image_sizes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                image_sizes: list[tuple[int, int]], blank_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.model
         feats = m.encode_images(pixel_values, image_sizes) if pixel_values else None
+        # Before the language model, where real images run: FSDP orders its backward prefetches by forward order.
+        blank = self._blank_features(input_ids.device) if blank_image and not pixel_values else None
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden = m(m.embed_inputs(input_ids, feats), positions)  # (B, T, D)
         targets = labels[:, 1:]
         mask = targets != IGNORE_INDEX
         # Only supervised positions go through the LM head: no (B, T, vocab) logits tensor.
         logits = m.compute_logits(hidden[:, :-1][mask]).float()
-        return F.cross_entropy(logits, targets[mask], reduction="sum"), mask.sum()
+        loss = F.cross_entropy(logits, targets[mask], reduction="sum")
+        if blank is not None:
+            loss = loss + 0.0 * blank.sum()
+        return loss, mask.sum()
+
+    def _blank_features(self, device: torch.device) -> torch.Tensor:
+        vision = self.model.cfg.vision
+        size = vision.image_size
+        blank = torch.zeros(1, vision.num_channels, size, size, device=device)  # (tiles, C, S, S)
+        return self.model.encode_images([blank], [(size, size)])[0]
 
 
 @dataclass
@@ -89,6 +107,7 @@ class Run:
     logger: TrainLogger
     output_dir: Path
     extra_tensors: dict[str, torch.Tensor]
+    save_dtype: torch.dtype
     steps_per_epoch: int
     total_steps: int
     step: int = 0
@@ -128,8 +147,9 @@ def setup(cfg: TrainConfig) -> Run:
     module = wrap(LossModule(model), cfg.distributed, info)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
+    save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else ckpt.weights_dtype(source)
     run = Run(cfg, info, model, module, processor, dataset, batches, optimizer, scheduler,
-              TrainLogger(output_dir, info.is_main), output_dir, _extra_tensors(cfg, model, source),
+              TrainLogger(output_dir, info.is_main), output_dir, _extra_tensors(cfg, model, source), save_dtype,
               steps_per_epoch, total)
     if resume is not None:
         run.step = ckpt.restore_training_state(resume, module, optimizer, scheduler)
@@ -143,8 +163,7 @@ def _model(cfg: TrainConfig, info: DistInfo, resume: Path | None):
     model, processor, source = build_model(build_cfg, info.device)
     if cfg.stage == "lora":
         if resume is not None:
-            load_adapter(model, resume)
-            ckpt.load_non_lora(resume, model)
+            load_adapter(model, resume)  # adapter and projector
         else:
             apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     set_trainable(model, cfg)
@@ -249,45 +268,49 @@ def _step_batches(run: Run):
 
 def train_loop(run: Run, callbacks) -> None:
     cfg = run.cfg
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not run.info.is_main)
-    for epoch, micro in _step_batches(run):
-        start, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
-        loss_sum, tokens, seen = _forward_backward(run, micro)
-        grad_norm = _optimizer_step(run, loss_sum)
-        run.step += 1
-        _account_skipped(run, micro)
-        info = StepInfo(run.step, loss_sum, lr, grad_norm, int(tokens),
-                        seen / max(time.perf_counter() - start, 1e-9), len(run.skipped))
-        run.history.append(info)
-        if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
-            run.logger.log({"epoch": epoch, **dataclasses.asdict(info)})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{info.lr:.2e}")
-        if run.step % cfg.save_steps == 0 and run.step < run.total_steps:
-            save(run, run.output_dir / f"checkpoint-{run.step}")
-        for callback in callbacks:
-            callback(info)
-    bar.close()
+    # A context: an error ends the progress bar's line before it is printed.
+    with tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not run.info.is_main) as bar:
+        for epoch, micro in _step_batches(run):
+            start, lr = time.perf_counter(), run.scheduler.get_last_lr()[0]
+            _account_skipped(run, micro)  # bad rows are reported, and the limit checked, before the step runs
+            loss_sum, tokens, seen = _forward_backward(run, micro)
+            # A step whose every row was skipped has nothing to learn: no update, and the data moves on.
+            grad_norm = _optimizer_step(run, loss_sum) if tokens else math.nan
+            run.step += 1
+            info = StepInfo(run.step, loss_sum, lr, grad_norm, int(tokens),
+                            seen / max(time.perf_counter() - start, 1e-9), len(run.skipped))
+            run.history.append(info)
+            if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
+                run.logger.log({"epoch": epoch, **dataclasses.asdict(info)})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{info.lr:.2e}")
+            if run.step % cfg.save_steps == 0 and run.step < run.total_steps:
+                save(run, run.output_dir / f"checkpoint-{run.step}")
+            for callback in callbacks:
+                callback(info)
+    if run.history and not any(s.tokens for s in run.history):
+        raise TrainingError(f"no step had a row to learn from: all {len(run.skipped)} rows read were skipped (each "
+                            "listed above with its reason); fix the data")
 
 
 def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]:
     """Accumulate gradients over the step's micro-batches; returns (mean token loss, supervised tokens,
-    input tokens/s numerator)."""
+    input tokens/s numerator). A step without supervised tokens (all its rows skipped) runs nothing."""
     info = run.info
-    total_tokens = all_reduce_sum(sum(b["num_tokens"] for b in micro), info)
+    counts = all_reduce_sums([sum(b["num_tokens"] for b in micro), *(len(b["pixel_values"]) for b in micro)], info)
+    total_tokens, images = counts[0], counts[1:]  # images: per micro-step, over all ranks
     if total_tokens == 0:
-        skipped = [s for b in micro for s in b["skipped"]]
-        why = (f"its rows were skipped, e.g. row {skipped[0].index}: {skipped[0].reason}" if skipped
-               else "no row of it has an answer token to learn")
-        raise TrainingError(f"step {run.step + 1} has no supervised tokens: {why}")
+        return math.nan, 0, 0
+    fsdp = info.enabled and run.cfg.distributed == "fsdp"
     loss_sum, seen = 0.0, 0
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16)
-    for batch in micro:
+    for batch, any_rank_images in zip(micro, images):
         if not batch["indices"] and not info.enabled:
-            continue
+            continue  # all its rows skipped; under torchrun the empty batch still runs: every rank takes part
         with autocast:
             ce, _ = run.module(batch["input_ids"].to(info.device), batch["labels"].to(info.device),
-                               [p.to(info.device) for p in batch["pixel_values"]], batch["image_sizes"])
+                               [p.to(info.device) for p in batch["pixel_values"]], batch["image_sizes"],
+                               blank_image=fsdp and any_rank_images > 0)
         # DDP/FSDP average gradients over ranks: scale by world size so the global sum / tokens results.
         (ce * info.world_size / total_tokens).backward()
         loss_sum += float(ce.detach())
@@ -314,27 +337,31 @@ def _optimizer_step(run: Run, loss: float) -> float:
 
 
 def _account_skipped(run: Run, micro: list[dict]) -> None:
-    for batch in micro:
-        for s in batch["skipped"]:
-            if s.index not in run.skipped:
-                run.skipped[s.index] = s.reason
-                if run.info.is_main:
-                    tqdm.write(f"skipped row {s.index}: {s.reason}")
-    limit = run.cfg.max_bad_fraction * len(run.dataset)
-    if len(run.skipped) > limit:
-        rows = ", ".join(f"{i} ({r})" for i, r in list(run.skipped.items())[:10])
-        raise TrainingError(f"{len(run.skipped)} of {len(run.dataset)} rows were skipped, more than max_bad_fraction "
-                            f"(--max-bad-fraction) {run.cfg.max_bad_fraction} allows: {rows}; fix the data or raise "
-                            "the limit")
+    """Record and report (rank 0) the step's skipped rows of every rank, and stop above max_bad_fraction: every
+    rank sees the same rows, so all stop at the same step."""
+    rows = all_gather_objects([(s.index, s.reason) for b in micro for s in b["skipped"]], run.info)
+    for index, reason in rows:
+        if index not in run.skipped:
+            run.skipped[index] = reason
+            if run.info.is_main:
+                tqdm.write(f"skipped row {index}: {reason}")
+    if len(run.skipped) > run.cfg.max_bad_fraction * len(run.dataset):
+        rows = ", ".join(str(i) for i in list(run.skipped)[:10]) + (", ..." if len(run.skipped) > 10 else "")
+        rows = f"row {rows}" if len(run.skipped) == 1 else f"rows {rows}"
+        raise TrainingError(f"{len(run.skipped)} of {len(run.dataset)} rows were skipped ({rows}, each listed "
+                            f"above with its reason), more than max_bad_fraction (--max-bad-fraction) "
+                            f"{run.cfg.max_bad_fraction} allows; fix the data or raise the limit")
 
 
 def save(run: Run, directory: Path) -> None:
-    """A checkpoint at `directory` (collective: every rank gathers, rank 0 writes)."""
+    """A checkpoint at `directory` (collective: every rank gathers, rank 0 writes), its weights in the save dtype."""
     state = ckpt.full_model_state(run.module)
     training = ckpt.training_state(run.module, run.optimizer, run.scheduler, run.step)
     if not run.info.is_main:
         return
-    model = ckpt.plain_model(run.model.cfg, {k.removeprefix("model."): v for k, v in state.items()})
+    training["weights"] = ckpt.rounded_weights(state, run.save_dtype, run.cfg.stage)
+    state = {k.removeprefix("model."): v.to(run.save_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model = ckpt.plain_model(run.model.cfg, state)
     if run.cfg.stage == "lora":
         with torch.random.fork_rng(devices=[]):  # adapter init draws random numbers: keep training's RNG as saved
             model = _with_lora_tensors(run, model, state)
@@ -347,7 +374,7 @@ def save(run: Run, directory: Path) -> None:
 def _with_lora_tensors(run: Run, model, state: dict[str, Any]):
     """A LoRA-shaped copy holding the gathered adapter tensors (so save_adapter can write them)."""
     apply_lora(model, r=run.cfg.lora_r, alpha=run.cfg.lora_alpha, dropout=run.cfg.lora_dropout)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, assign=True)
+    model.load_state_dict(state, assign=True)
     return model
 
 

@@ -14,8 +14,9 @@ from parity import our_last_logits
 
 import llavakit
 from llavakit.layers.linear import Linear
-from llavakit.train.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, load_adapter, lora_state_dict,
-                                 merge_lora, save_adapter)
+from llavakit.train.lora import (DEFAULT_TARGETS, NON_LORA_FILE, LoRALinear, apply_lora, load_adapter,
+                                 lora_state_dict, merge_lora, save_adapter)
+from llavakit.train.merge import merge_lora_checkpoint
 
 LAYERS = 2  # text_config_dict's num_hidden_layers
 R, ALPHA = 8, 16
@@ -47,6 +48,14 @@ def _randomize_b(model, seed: int = 1) -> None:
         for m in model.modules():
             if isinstance(m, LoRALinear):
                 m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=gen) * 0.05)
+
+
+def _train_projector(model, seed: int = 2) -> None:
+    """Stand-in for a LoRA run's fully trained projector."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
 def test_only_adapters_train_and_init_is_identity(ckpt):
@@ -128,6 +137,7 @@ def test_save_load_adapter_round_trip(ckpt, tmp_path):
     inputs = _inputs(pipe)
     apply_lora(pipe.model, r=R, alpha=ALPHA, dropout=0.1)
     _randomize_b(pipe.model)
+    _train_projector(pipe.model)
     want = _logits(pipe, inputs)
     out = save_adapter(pipe.model, tmp_path / "adapter", "llava-hf/tiny", r=R, alpha=ALPHA, dropout=0.1)
 
@@ -145,18 +155,51 @@ def test_save_load_adapter_round_trip(ckpt, tmp_path):
     assert "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.language_model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
 
+    trained = load_file(out / NON_LORA_FILE)  # llava-hf names, as transformers users load them
+    assert sorted(trained) == [f"multi_modal_projector.linear_{i}.{p}" for i in (1, 2) for p in ("bias", "weight")]
+    torch.testing.assert_close(trained["multi_modal_projector.linear_2.weight"], pipe.model.projector[2].weight)
+
     fresh = _load(ckpt)
     load_adapter(fresh.model, out)
     torch.testing.assert_close(_logits(fresh, inputs), want, atol=0, rtol=0)
     assert fresh.model.language_model.layers[0].self_attn.q_proj.scaling == ALPHA / R
 
-    # peft on transformers 5 saves in-memory names: base_model.model.model.language_model.layers.*
+    # peft on transformers 5 saves in-memory names: base_model.model.model.language_model.layers.*,
+    # and a transformers-5 state dict names the projector model.multi_modal_projector.*
     tensors = load_file(out / "adapter_model.safetensors")
     save_file({k.replace(".language_model.model.", ".model.language_model."): v for k, v in tensors.items()},
               out / "adapter_model.safetensors")
+    save_file({"model." + k: v for k, v in trained.items()}, out / NON_LORA_FILE)
+
     fresh = _load(ckpt)
     load_adapter(fresh.model, out)
     torch.testing.assert_close(_logits(fresh, inputs), want, atol=0, rtol=0)
+
+
+def test_adapters_with_the_projector_under_llavakit_names_still_load(ckpt, tmp_path):
+    # Directories written before the projector was saved under llava-hf names hold `projector.0.weight`.
+    pipe = _load(ckpt)
+    apply_lora(pipe.model, r=R, alpha=ALPHA)
+    _randomize_b(pipe.model)
+    _train_projector(pipe.model)
+    out = save_adapter(pipe.model, tmp_path / "old", str(ckpt), r=R, alpha=ALPHA)
+    save_file({n: p.detach().contiguous() for n, p in pipe.model.named_parameters() if n.startswith("projector.")},
+              out / NON_LORA_FILE)
+    merged = _load(merge_lora_checkpoint(ckpt, out, tmp_path / "merged", "float32"))
+    for name, p in merged.model.projector.named_parameters():
+        torch.testing.assert_close(p, pipe.model.projector.get_parameter(name), atol=0, rtol=0)
+
+
+def test_a_projector_file_for_another_model_is_refused_before_loading(ckpt, tmp_path):
+    pipe = _load(ckpt)
+    apply_lora(pipe.model, r=R, alpha=ALPHA)
+    out = save_adapter(pipe.model, tmp_path / "a", str(ckpt), r=R, alpha=ALPHA)
+    save_file({"multi_modal_projector.linear_1.weight": torch.zeros(64, 48)}, out / NON_LORA_FILE)
+    fresh = _load(ckpt).model
+    with pytest.raises(ValueError, match=r"non_lora_trainables.safetensors: 1 tensors fit no parameter of this "
+                                         r"model: multi_modal_projector.linear_1.weight \(64, 48\); is the adapter"):
+        load_adapter(fresh, out)
+    assert not any(isinstance(m, LoRALinear) for m in fresh.modules())  # untouched
 
 
 def test_load_adapter_rejects_foreign_keys_and_shapes(ckpt, tmp_path):

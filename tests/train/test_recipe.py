@@ -164,12 +164,14 @@ def test_lora_merge_matches_unmerged_and_loads_in_transformers(base, tmp_path):
     adapter = tmp_path / "lora" / "final"
     assert main(["merge-lora", "--base", str(base[0]), "--lora", str(adapter), "--out", str(tmp_path / "merged"),
                  "--dtype", "float32"]) == 0
-    from llavakit.train.checkpoint import load_non_lora
-    from llavakit.train.lora import load_adapter
+    from safetensors.torch import load_file
+
+    from llavakit.train.lora import NON_LORA_FILE, load_adapter
 
     unmerged = llavakit.load(base[0], dtype="float32", device="cpu")
-    load_adapter(unmerged.model, adapter)
-    load_non_lora(adapter, unmerged.model)
+    load_adapter(unmerged.model, adapter)  # with the projector, saved under llava-hf names
+    assert sorted(load_file(adapter / NON_LORA_FILE)) == [f"multi_modal_projector.linear_{i}.{p}"
+                                                          for i in (1, 2) for p in ("bias", "weight")]
     merged = llavakit.load(tmp_path / "merged", dtype="float32", device="cpu")
     image = noise_image(33, 21, seed=1)
     ids = merged.tokenize("What color is it?", images=[image])

@@ -40,10 +40,21 @@ def test_cli_flags_in_both_spellings():
     ({"lr_scheduler_type": "exotic"}, "lr_scheduler_type must be one of"),
     ({"model": ""}, "no model given"),
     ({"frobnicate": 1}, "unknown training option 'frobnicate'"),
+    ({"save_dtype": "int8"}, "save_dtype must be one of \\('float32', 'float16', 'bfloat16'\\), got 'int8'"),
 ])
 def test_bad_options_say_what_is_wrong(options, message):
     with pytest.raises(ValueError, match=message):
         make_config(**{"model": "m", "data_path": "d.json", **options})
+
+
+def test_save_dtype_flag(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["train", "--save-dtype", "bfloat16"]).save_dtype == "bfloat16"
+    assert parser.parse_args(["train", "--save_dtype", "float16"]).save_dtype == "float16"
+    assert parser.parse_args(["train"]).save_dtype is None  # the checkpoint's own dtype
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--save-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_bad_file(tmp_path):
