@@ -11,22 +11,33 @@ import base64
 import binascii
 import http.client
 import ipaddress
+import logging
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, unquote_to_bytes, urljoin, urlsplit
+from urllib.parse import quote, unquote, unquote_to_bytes, urljoin, urlsplit
 
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
 # The well-known NAT64 prefix embeds an IPv4 address in its low 32 bits (RFC 6052).
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Printable ASCII goes into a request path as it is ("%" too, so escapes stay); the rest is percent-encoded.
+_URL_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+_MAX_PATH = 4096  # Linux's PATH_MAX: no file has a longer path, and resolving one costs a system call per part
+log = logging.getLogger(__name__)
 
 
 class MediaError(ValueError):
-    """Media could not be read; the message says what is wrong and what to do."""
+    """Media could not be read; the message says what is wrong and what to do, for whoever runs llavakit
+    (it may name what a host resolved to, or a library's error). `client` says the same to a remote client,
+    as servers must: nothing of the server's network, settings or libraries."""
+
+    def __init__(self, message: str, client: str | None = None):
+        super().__init__(message)
+        self.client = message if client is None else client
 
 
 @dataclass(slots=True)
@@ -82,19 +93,33 @@ def _short(url: str, limit: int = 100) -> str:
 
 
 def _parse_http_url(url: str) -> _Target:
+    """The parts of an http(s) URL to connect to, an IRI sent as browsers send it: the host name in IDNA,
+    and non-ASCII characters, spaces and control characters of path and query percent-encoded as UTF-8."""
     try:
         parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise MediaError(f"malformed URL {_short(url)!r} ({e}); pass a valid http(s) URL") from None
+    except ValueError as e:  # an unclosed "[" of an IPv6 host, a host that NFKC turns into a delimiter
+        raise MediaError(f"malformed URL {_short(url)!r} ({e}); pass a valid http(s) URL",
+                         f"the URL {_short(url)!r} is malformed; send a valid http(s) URL") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise MediaError(f"URL scheme {scheme or '(none)'!r} is not allowed in {_short(url)!r}; "
                          "only http and https URLs can be fetched")
     if not parts.hostname:
         raise MediaError(f"URL {_short(url)!r} has no host name; pass an absolute http(s) URL")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(scheme, parts.hostname, port or (443 if scheme == "https" else 80), path)
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if port == 0:
+        raise MediaError(f"the port of {_short(url)!r} is not valid; use a number from 1 to 65535")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii")
+        path = quote(parts.path or "/", safe=_URL_SAFE) + (f"?{quote(parts.query, safe=_URL_SAFE)}" if parts.query
+                                                           else "")
+    except UnicodeError:  # an empty or over-long label of the host name, a lone surrogate
+        raise MediaError(f"the URL {_short(url)!r} has an invalid host name or characters; send a valid http(s) "
+                         "URL") from None
+    return _Target(scheme, host, port or (443 if scheme == "https" else 80), path)
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -120,18 +145,21 @@ def is_public_address(address: str) -> bool:
 def check_address(host: str, port: int, policy: FetchPolicy) -> str:
     """Resolve `host` once and return the IP to connect to. Unless the policy allows private networks,
     refuse if ANY resolved address is not public, so a mixed DNS answer cannot sneak one in."""
+    # One message for clients whether the name does not resolve or resolves to a private address: telling
+    # them apart would let a client map the server's network (which internal names exist, and where).
+    private = f"the URL's host {host!r} has no public internet address; use a URL on a public server"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
-        raise MediaError(f"could not resolve host {host!r}; check the URL's host name") from None
+        raise MediaError(f"could not resolve host {host!r}; check the URL's host name", private) from None
     addresses = [info[4][0] for info in infos]
     if not addresses:
-        raise MediaError(f"host {host!r} has no addresses; check the URL's host name")
+        raise MediaError(f"host {host!r} has no addresses; check the URL's host name", private)
     if not (policy.allow_private_networks or policy.trusts(host, port)):
         for address in addresses:
             if not is_public_address(address):
                 raise MediaError(f"host {host!r} resolves to {address}, which is not a public internet "
-                                 "address; image URLs must point at public servers")
+                                 "address; media URLs must point at public servers", private)
     return addresses[0]
 
 
@@ -179,10 +207,12 @@ def _check_length(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy)
     try:
         length = int(announced)
     except ValueError:
-        raise MediaError(f"{_short(url)!r} sent an invalid Content-Length {announced!r}") from None
+        raise MediaError(f"{_short(url)!r} sent an invalid Content-Length header") from None
     if length > policy.max_bytes:
         raise MediaError(f"{_short(url)!r} is {length} bytes, over the {policy.max_bytes}-byte limit; "
-                         "use a smaller image or raise FetchPolicy.max_bytes")
+                         "use a smaller file or raise FetchPolicy.max_bytes",
+                         f"{_short(url)!r} is {length} bytes, over the {policy.max_bytes}-byte limit; "
+                         "send a smaller file")
     return length
 
 
@@ -193,7 +223,8 @@ def _read_capped(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy, 
         total += len(chunk)
         if total > policy.max_bytes:
             raise MediaError(f"{_short(url)!r} sent more than the {policy.max_bytes}-byte limit; "
-                             "use a smaller image or raise FetchPolicy.max_bytes")
+                             "use a smaller file or raise FetchPolicy.max_bytes",
+                             f"{_short(url)!r} sent more than the {policy.max_bytes}-byte limit; send a smaller file")
         if time.monotonic() >= deadline:
             raise TimeoutError
         chunks.append(chunk)
@@ -222,8 +253,9 @@ def _handle_response(resp: http.client.HTTPResponse, url: str, policy: FetchPoli
             raise MediaError(f"{_short(url)!r} answered {resp.status} without a Location header")
         return urljoin(url, location), b""
     if not 200 <= resp.status < 300:
-        raise MediaError(f"{_short(url)!r} answered HTTP {resp.status} {resp.reason}; check that the URL "
-                         "points at an image that is publicly readable")
+        advice = "check that the URL points at a file that is publicly readable"
+        raise MediaError(f"{_short(url)!r} answered HTTP {resp.status} {resp.reason[:100]}; {advice}",
+                         f"{_short(url)!r} answered HTTP {resp.status}; {advice}")
     length = _check_length(resp, url, policy)
     body = _read_capped(resp, url, policy, deadline)
     if length is not None and len(body) != length:
@@ -246,10 +278,10 @@ def _get_once(url: str, policy: FetchPolicy, deadline: float) -> tuple[str | Non
         return _exchange(conn, target, url, policy, deadline)
     except (OSError, http.client.HTTPException) as e:
         if time.monotonic() >= deadline or isinstance(e, TimeoutError):
-            raise MediaError(f"fetching {_short(url)!r} took longer than {policy.total_timeout}s (or the "
-                             f"connection stalled); use a faster host or raise the timeouts") from None
-        raise MediaError(f"could not fetch {_short(url)!r} ({type(e).__name__}); check that the server "
-                         "is reachable") from None
+            slow = f"fetching {_short(url)!r} took longer than {policy.total_timeout}s (or the connection stalled)"
+            raise MediaError(f"{slow}; use a faster host or raise the timeouts", f"{slow}; use a faster host") from None
+        raise MediaError(f"could not fetch {_short(url)!r} ({type(e).__name__}); check that the server is reachable",
+                         f"could not fetch {_short(url)!r}; check that its server is reachable") from None
     finally:
         watchdog.cancel()
         conn.close()
@@ -268,7 +300,8 @@ def fetch_url(url: str, policy: FetchPolicy | None = None) -> bytes:
             return body
         current = location
     raise MediaError(f"{_short(url)!r} redirected more than {policy.max_redirects} times; "
-                     "pass the final URL or raise FetchPolicy.max_redirects")
+                     "pass the final URL or raise FetchPolicy.max_redirects",
+                     f"{_short(url)!r} redirected more than {policy.max_redirects} times; send the final URL")
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
@@ -286,11 +319,11 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     size = len(payload) * 3 // 4 - (len(payload) - len(payload.rstrip("=")))
     if size > max_bytes:
         raise MediaError(f"data URL holds about {size} bytes, over the {max_bytes}-byte limit; "
-                         "send a smaller image")
+                         "send a smaller file")
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise MediaError("data URL payload is not valid base64; encode the image with standard base64") from None
+        raise MediaError("data URL payload is not valid base64; encode the file with standard base64") from None
 
 
 def _read_local(path: str, policy: FetchPolicy) -> bytes:
@@ -308,8 +341,11 @@ def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
     parts = urlsplit(url)
     if parts.netloc not in ("", "localhost"):
         raise MediaError(f"file URL {_short(url)!r} names a remote host; only file:///absolute/path is allowed")
+    path = unquote(parts.path)
+    if "\x00" in path or len(path) > _MAX_PATH:  # a NUL byte stops Path.resolve with a ValueError
+        raise MediaError(f"file URL {_short(url)!r} is not a valid file path; pass file:///absolute/path")
     root = Path(policy.local_media_root).resolve()
-    target = Path(unquote(parts.path)).resolve()
+    target = Path(path).resolve()
     if not target.is_relative_to(root):
         raise MediaError(f"file URL {_short(url)!r} is outside the allowed local media directory; "
                          "only files under that directory can be read")
@@ -318,11 +354,12 @@ def _read_file_url(url: str, policy: FetchPolicy) -> bytes:
 
 def _read_file(p: Path, path: str, policy: FetchPolicy) -> bytes:
     if not p.is_file():
-        raise MediaError(f"image file {path!r} does not exist (or is not a file); check the path")
+        raise MediaError(f"file {path!r} does not exist (or is not a file); check the path")
     size = p.stat().st_size
     if size > policy.max_bytes:
         raise MediaError(f"{path!r} is {size} bytes, over the {policy.max_bytes}-byte limit; "
-                         "raise FetchPolicy.max_bytes to read it")
+                         "raise FetchPolicy.max_bytes to read it",
+                         f"{path!r} is {size} bytes, over the {policy.max_bytes}-byte limit; send a smaller file")
     return p.read_bytes()
 
 
@@ -336,8 +373,19 @@ def is_url(source: str) -> bool:
 
 def read_source(source: str, policy: FetchPolicy | None = None) -> bytes:
     """Bytes of an http(s) URL, a data: URL, a file:// URL under the policy's local media root, or (if the
-    policy allows) a local file path."""
-    policy = policy or FetchPolicy()
+    policy allows) a local file path. Every failure is a MediaError: what the checks above did not foresee
+    (a file that cannot be read, a library's surprise on odd input) too, logged with its traceback."""
+    try:
+        return _read_source(source, policy or FetchPolicy())
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - untrusted input must end in a MediaError (a 400 on servers), not a 500
+        log.warning("reading media %r failed unexpectedly", _short(source), exc_info=True)
+        raise MediaError(f"could not read {_short(source)!r} ({e})",
+                         f"{_short(source)!r} could not be read; check the URL") from None
+
+
+def _read_source(source: str, policy: FetchPolicy) -> bytes:
     lowered = source[:16].lower()
     if lowered.startswith(("http://", "https://")):
         return fetch_url(source, policy)

@@ -41,7 +41,7 @@ def _prepare_one(source: str, number: int, processor: PromptProcessor, limits: I
     try:
         data = read_source(source, limits.policy)
     except MediaError as e:
-        raise bad_request(f"{name}: {e}", param, "invalid_image_url") from None
+        raise bad_request(f"{name}: {e.client}", param, "invalid_image_url") from None
     check_header(data, name, limits, param)
     try:
         image = load_image(data, max_pixels=limits.max_pixels)

@@ -1,5 +1,5 @@
 """OpenAI-compatible routes: POST /v1/chat/completions (text, images and videos, streaming, n, logprobs),
-POST /v1/completions (raw text), GET /v1/models."""
+POST /v1/completions (raw text), GET /v1/models. Client text is parsed and tokenized on a worker thread."""
 
 from __future__ import annotations
 
@@ -88,10 +88,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     svc.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-    chat = chat_input(body.messages)
-    svc.check_videos(len(chat.videos), "messages")  # before admission and before any fetch
 
     def build():
+        chat = chat_input(body.messages)
+        svc.check_videos(len(chat.videos), "messages")  # before any fetch
         images = svc.load_images(chat.images, "messages")
         videos = svc.load_videos(chat.videos, "messages")
         return svc.encode(svc.encoder.render_chat(chat.messages), images, videos), [*images, *videos]
@@ -151,9 +151,8 @@ def _chat_logprobs(svc: Service, out: CompletionOutput) -> ChatLogprobs | None:
 async def completions(body: CompletionRequest, request: Request):
     svc = _service(request)
     svc.check_model(body.model)
-    text = raw_text(body.prompt, 0, "prompt")
-    run = await svc.start(request, body.n, lambda: (svc.encode(text, []), []), body.max_tokens,
-                          dict(sampling_kwargs(body), logprobs=body.logprobs))
+    run = await svc.start(request, body.n, lambda: (svc.encode(raw_text(body.prompt, 0, "prompt"), []), []),
+                          body.max_tokens, dict(sampling_kwargs(body), logprobs=body.logprobs))
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.cfg.model_name}
     if body.stream:
         first = await first_output(svc, request, run)

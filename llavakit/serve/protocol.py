@@ -2,15 +2,17 @@
 
 Requests are strict: an unknown field is a 400 (as OpenAI answers), numbers must be finite, and every
 sampling value has its range in the schema, so /openapi.json documents the limits and a bad value is
-refused before it reaches the engine. (TGI's `parameters` is the exception: TGI clients send every
-field they know, so unknown ones are ignored there.)
+refused before it reaches the engine. Types are strict as OpenAI's are: a boolean is true or false (not
+"yes" or 1), an integer is a JSON integer (not true or "3"), a number is a JSON number. (TGI's `parameters`
+is the exception in one way: TGI clients send every field they know, so unknown ones are ignored there.)
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import pydantic
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag
 
 from llavakit.sampling import MAX_LOGPROBS
 from llavakit.serve.config import MAX_N
@@ -19,10 +21,11 @@ MAX_SEED = 2**63 - 1 - MAX_N  # request i of n is seeded with seed + i, and torc
 MAX_TOKENS = 1_000_000  # far above any context; the context check gives the real limit
 MAX_STOPS = 16
 
+Number = Annotated[float, pydantic.Strict()]  # a JSON number: 1 is taken, true and "1" are not
 StopText = Annotated[str, Field(min_length=1, max_length=256)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)] | None
-MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)] | None
+MaxTokens = Annotated[StrictInt, Field(ge=1, le=MAX_TOKENS)] | None
 ImageSources = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
                                                               Field(max_length=64)] | None
 
@@ -35,17 +38,17 @@ class SamplingFields(Strict):
     """Sampling fields shared by the OpenAI and vLLM bodies (top_k, min_p, repetition_penalty and
     ignore_eos are vLLM's extensions)."""
 
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy; default 1 (OpenAI)")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0 disables it")
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: Number | None = Field(None, ge=0, le=2, description="0 is greedy; default 1 (OpenAI)")
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0, le=MAX_TOKENS, description="0 disables it")
+    min_p: Number | None = Field(None, ge=0, le=1)
+    repetition_penalty: Number | None = Field(None, ge=0.01, le=10)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
     stop: Stop = None
     seed: Seed = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
 
 # --- OpenAI chat completions ------------------------------------------------------------------------------
@@ -76,7 +79,20 @@ class VideoPart(Strict):
     video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+_PART_TAGS = {"text": "TextPart", "image_url": "ImagePart", "video_url": "VideoPart"}
+
+
+def _part_type(part: Any) -> str | None:
+    return _PART_TAGS.get(part.get("type") if isinstance(part, dict) else getattr(part, "type", None))
+
+
+# Tagged by class name, which error messages leave out of a field's path ("content.0.image_url.url", not
+# "content.0.image_url.image_url.url" as the "type" value for a tag would give).
+ContentPart = Annotated[Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")]
+                        | Annotated[VideoPart, Tag("VideoPart")],
+                        Discriminator(_part_type, custom_error_type="invalid_part",
+                                      custom_error_message="a content part is an object whose type is 'text', "
+                                                           "'image_url' or 'video_url'")]
 
 
 class ChatMessage(Strict):
@@ -86,7 +102,7 @@ class ChatMessage(Strict):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = True
+    include_usage: StrictBool = True
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -94,9 +110,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1024)
     max_tokens: MaxTokens = None
     max_completion_tokens: MaxTokens = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    stream: bool = False
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -170,8 +186,8 @@ class CompletionRequest(SamplingFields):
     model: str | None = Field(None, max_length=256)
     prompt: str = Field(description="raw text, no chat template; images are not taken here")
     max_tokens: MaxTokens = 16
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    stream: bool = False
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -220,21 +236,21 @@ class TGIParameters(BaseModel):
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     max_new_tokens: MaxTokens = None
-    temperature: float | None = Field(None, gt=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, gt=0, le=MAX_TOKENS)
-    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
+    temperature: Number | None = Field(None, gt=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, gt=0, le=MAX_TOKENS)
+    repetition_penalty: Number | None = Field(None, ge=0.01, le=10)
     seed: Seed = None
     stop: Annotated[list[StopText], Field(max_length=MAX_STOPS)] = []
-    do_sample: bool = False
-    details: bool = False
-    return_full_text: bool = False
+    do_sample: StrictBool = False
+    details: StrictBool = False
+    return_full_text: StrictBool = False
 
 
 class TGIRequest(Strict):
     inputs: str = Field(description="raw text; images inline as ![](https://...) or ![](data:image/...)")
     parameters: TGIParameters = TGIParameters()
-    stream: bool = False
+    stream: StrictBool = False
 
 
 class TGIToken(BaseModel):
@@ -271,7 +287,19 @@ class VLLMRequest(SamplingFields):
     prompt: str = Field(description="raw text; images of multi_modal_data go before it")
     multi_modal_data: MultiModalData | None = None
     max_tokens: MaxTokens = 16
-    stream: bool = False
+    stream: StrictBool = False
+
+
+def _generate_format(body: Any) -> str:
+    """Which API a /generate body is written for: one with "prompt" (and no "inputs") is vLLM's, any other
+    TGI's, so that an error names a field of the API the client meant."""
+    vllm = isinstance(body, dict) and "prompt" in body and "inputs" not in body
+    return "VLLMRequest" if vllm else "TGIRequest"
+
+
+# The tags are class names, which error messages leave out of a field's path ("n", not "VLLMRequest.n").
+GenerateRequest = Annotated[Annotated[TGIRequest, Tag("TGIRequest")] | Annotated[VLLMRequest, Tag("VLLMRequest")],
+                            Discriminator(_generate_format)]
 
 
 class VLLMResponse(BaseModel):
@@ -280,12 +308,12 @@ class VLLMResponse(BaseModel):
 
 class TritonParameters(Strict):
     max_tokens: MaxTokens = 16
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0, le=MAX_TOKENS)
     seed: Seed = None
     stop: Stop = None
-    exclude_input_in_output: bool = False
+    exclude_input_in_output: StrictBool = False
 
 
 class TritonRequest(Strict):

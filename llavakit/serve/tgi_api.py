@@ -2,7 +2,7 @@
 vLLM's share a path; the body tells them apart ({"inputs"} is TGI, {"prompt"} is vLLM).
 
 Inputs are raw text (no chat template), with images inline as markdown: ![](https://...) or
-![](data:image/png;base64,...), each read where it stands.
+![](data:image/png;base64,...), each read where it stands. The inputs are parsed on a worker thread.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from llavakit.serve import vllm_api
 from llavakit.serve.openai_api import ERRORS
 from llavakit.serve.prompts import markdown_images
 from llavakit.serve.protocol import (
+    GenerateRequest,
     TGIDetails,
     TGIRequest,
     TGIResponse,
@@ -42,8 +43,9 @@ router = APIRouter(responses=ERRORS)
 
 @router.post("/generate", response_model=TGIResponse | VLLMResponse,
              responses={200: {"content": {"text/event-stream": {}, "application/x-ndjson": {}}}})
-async def generate(body: TGIRequest | VLLMRequest, request: Request):
-    """TGI {"inputs", "parameters"} -> {"generated_text"}; vLLM {"prompt", ...} -> {"text": [...]}."""
+async def generate(body: GenerateRequest, request: Request):
+    """TGI {"inputs", "parameters"} -> {"generated_text"}; vLLM {"prompt", ...} -> {"text": [...]}. A body
+    with "prompt" (and no "inputs") is read as vLLM's, any other as TGI's."""
     if isinstance(body, VLLMRequest):
         return await vllm_api.generate(body, request)
     return await _tgi(body, request, stream=body.stream)
@@ -57,9 +59,9 @@ async def generate_stream(body: TGIRequest, request: Request):
 
 async def _tgi(body: TGIRequest, request: Request, stream: bool):
     svc: Service = request.app.state.service
-    text, urls = markdown_images(body.inputs, "inputs")
 
     def build():
+        text, urls = markdown_images(body.inputs, "inputs")
         images = svc.load_images(urls, "inputs")
         return svc.encode(text, images), images
 

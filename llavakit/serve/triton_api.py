@@ -20,9 +20,9 @@ async def generate(model: str, body: TritonRequest, request: Request) -> TritonR
     svc: Service = request.app.state.service
     svc.check_model(model)
     urls = [body.image] if isinstance(body.image, str) else list(body.image or [])
-    text = raw_text(body.text_input, len(urls), "text_input")
 
     def build():
+        text = raw_text(body.text_input, len(urls), "text_input")
         images = svc.load_images(urls, "image")
         return svc.encode(text, images), images
 

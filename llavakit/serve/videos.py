@@ -24,11 +24,10 @@ from llavakit.serve.errors import bad_request
 
 log = logging.getLogger(__name__)
 
-# The library's messages advise raising its limits ("or raise VideoLimits.max_duration_s"), which a client
-# cannot do; and the shared fetcher speaks of images. Both are reworded for a client's video.
-_LIBRARY_ADVICE = re.compile(r" or raise (?:the timeouts|[A-Z]\w*\.\w+)")
-_LIBRARY_ONLY_ADVICE = re.compile(r"; raise [A-Z]\w*\.\w+(?: to read it)?$")
-_IMAGE_WORDS = ((re.compile(r"\ban image\b"), "a video"), (re.compile(r"\bimage\b"), "video"))
+# The decoder's messages advise raising its limits ("or raise VideoLimits.max_duration_s"), which a client
+# cannot do; they are reworded for a client. (The fetcher's MediaError has a message for clients already.)
+_LIBRARY_ADVICE = re.compile(r" or raise [A-Z]\w*\.\w+")
+_LIBRARY_ONLY_ADVICE = re.compile(r"; raise [A-Z]\w*\.\w+$")
 
 
 @dataclass(slots=True)
@@ -66,10 +65,7 @@ def _prepare_one(source: str, number: int, processor: PromptProcessor, settings:
 
 
 def _for_client(error: MediaError | VideoError) -> str:
-    """The error's message without advice meant for the operator, and about a video where the fetcher
-    (shared with images) says image. (VideoError messages say "image" only to mean one.)"""
-    message = _LIBRARY_ONLY_ADVICE.sub("; send a smaller video", _LIBRARY_ADVICE.sub("", str(error)))
-    if not isinstance(error, VideoError):
-        for pattern, word in _IMAGE_WORDS:
-            message = pattern.sub(word, message)
-    return message
+    """The fetcher's message for clients, or the decoder's without advice meant for the operator."""
+    if isinstance(error, MediaError):
+        return error.client
+    return _LIBRARY_ONLY_ADVICE.sub("; send a smaller video", _LIBRARY_ADVICE.sub("", str(error)))

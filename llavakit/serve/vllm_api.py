@@ -23,9 +23,9 @@ async def generate(body: VLLMRequest, request: Request) -> VLLMResponse | Stream
     svc: Service = request.app.state.service
     image = body.multi_modal_data.image if body.multi_modal_data else None
     urls = [image] if isinstance(image, str) else list(image or [])
-    text = raw_text(body.prompt, len(urls), "prompt")
 
     def build():
+        text = raw_text(body.prompt, len(urls), "prompt")
         images = svc.load_images(urls, "multi_modal_data.image")
         return svc.encode(text, images), images
 

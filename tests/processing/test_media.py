@@ -39,7 +39,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         p = self.path
-        if p == "/ok":
+        if p in ("/ok", "/caf%C3%A9%20au%20lait.png?q=%C3%BC"):
             self._send(200, BODY)
         elif p.startswith("/redir/"):
             n = int(p.rsplit("/", 1)[1])
@@ -273,3 +273,70 @@ def test_is_url_tells_urls_from_file_paths(source, url):
     from llavakit.processing.media import is_url
 
     assert is_url(source) is url
+
+
+def test_iris_are_fetched_as_browsers_send_them(server, monkeypatch):
+    """Non-ASCII (and spaces) in path and query go out percent-encoded as UTF-8, a host name in IDNA."""
+    assert fetch_url(server + "/café au lait.png?q=ü", LOCAL) == BODY
+    hosts = []
+
+    def check(host, port, policy):
+        hosts.append(host)
+        raise MediaError("stop here")
+    monkeypatch.setattr(media, "check_address", check)
+    with pytest.raises(MediaError, match="stop here"):
+        fetch_url("http://Bücher.example/a.png")
+    assert hosts == ["xn--bcher-kva.example"]
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://127.0.0.1:99999/a.png", "port"), ("http://127.0.0.1:abc/a.png", "port"),
+    ("http://127.0.0.1:0/a.png", "port"), ("http://[::1/a.png", "malformed"),
+    ("http://a..b/a.png", "invalid host name"), ("http://example.com/\ud800.png", "invalid host name or characters"),
+])
+def test_malformed_urls_say_what_is_wrong_without_library_text(no_connect, url, words):
+    with pytest.raises(MediaError) as e:
+        fetch_url(url)
+    assert words in e.value.client
+    for library_text in ("out of range", "cast to integer", "Invalid IPv6", "label", "codec", "Error"):
+        assert library_text not in e.value.client
+
+
+def test_client_messages_hide_what_a_host_resolves_to(monkeypatch):
+    """A client learns neither the address a name resolves to nor whether it resolves at all (which would map
+    the server's network); the message for the operator keeps the address."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "metadata.google.internal":
+            return real("169.254.169.254", port, *args, **kwargs)
+        if host == "nowhere.internal":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, port, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    with pytest.raises(MediaError) as resolved:
+        check_address("metadata.google.internal", 80, FetchPolicy())
+    with pytest.raises(MediaError) as unresolved:
+        check_address("nowhere.internal", 80, FetchPolicy())
+    assert "169.254.169.254" in str(resolved.value) and "169.254" not in resolved.value.client
+    assert resolved.value.client.replace("metadata.google", "nowhere") == unresolved.value.client
+
+
+@pytest.mark.parametrize("path", ["a%00.png", "a\x00.png", "a/" * 3000 + "b.png"])
+def test_file_urls_that_name_no_file_are_media_errors(tmp_path, path):
+    """Path.resolve raises ValueError on a NUL byte, and stat OSError on a path over PATH_MAX."""
+    with pytest.raises(MediaError, match="not a valid file path"):
+        read_source(f"file://{tmp_path}/{path}", FetchPolicy(allow_local_files=False, local_media_root=str(tmp_path)))
+
+
+def test_unforeseen_failures_are_media_errors(monkeypatch, tmp_path):
+    """Whatever fails while reading ends in a MediaError: the message for the operator has the cause, the
+    client's does not."""
+    def fail(*args):
+        raise RuntimeError("secret detail")
+    monkeypatch.setattr(media, "decode_data_url", fail)
+    with pytest.raises(MediaError) as e:
+        read_source("data:image/png;base64,AAAA")
+    assert "secret detail" in str(e.value)
+    assert "could not be read" in e.value.client
+    assert "secret" not in e.value.client and "RuntimeError" not in e.value.client
