@@ -41,7 +41,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llavakit.config import EngineConfig  # noqa: E402
-from llavakit.engine.llm_engine import LLMEngine  # noqa: E402
 from llavakit.eval import bench  # noqa: E402
 from llavakit.sampling import SamplingParams  # noqa: E402
 
@@ -98,11 +97,11 @@ def check_requests(n_images: int = 3):
     return reqs, [SamplingParams(max_tokens=lengths[i % len(lengths)], ignore_eos=True) for i in range(len(reqs))]
 
 
-def run_all(engine: LLMEngine, reqs, params) -> list[list[int]]:
+def run_all(engine: bench.BenchEngine, reqs, params) -> list[list[int]]:
     """Every request's generated token ids, in request order."""
     ids = [f"c{i}-{time.time()}" for i in range(len(reqs))]
     for rid, r, p in zip(ids, reqs, params):
-        engine.add_request(rid, r, p)
+        engine.submit(rid, r, p)
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -133,11 +132,11 @@ def correctness(args, device: torch.device) -> dict:
     from llavakit.layers import triton_ops
 
     triton_ops.ENABLED = False  # the plain PyTorch path first: no fused ops, no fused projections yet
-    slow = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30, attention_backend="torch",
+    slow = bench.BenchEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30, attention_backend="torch",
                                         cuda_graphs=False))
     slow_out = run_all(slow, reqs, params)
     triton_ops.ENABLED = True
-    fast = LLMEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30))
+    fast = bench.BenchEngine(pipe, EngineConfig(max_num_seqs=8, kv_cache_memory=1 << 30))
     fast_out = run_all(fast, reqs, params)
     report = {"preset": args.check_preset, "requests": len(reqs), "fast_backend": fast.runner.backend,
               "cuda_graphs": fast.runner.graphs is not None and fast.runner.graphs.captured,
@@ -172,7 +171,7 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     limit = copy_bw / decoder_bytes
     kv = args.kv_cache_gb * (1 << 30) if args.kv_cache_gb else None
     t0 = time.perf_counter()
-    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=max(args.concurrent, 10), kv_cache_memory=kv,
+    engine = bench.BenchEngine(pipe, EngineConfig(max_num_seqs=max(args.concurrent, 10), kv_cache_memory=kv,
                                           max_num_batched_tokens=args.max_num_batched_tokens))
     setup_s = time.perf_counter() - t0
     log(f"engine ready in {setup_s:.1f}s (backend {engine.runner.backend}, graphs "

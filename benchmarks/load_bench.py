@@ -92,10 +92,10 @@ def _loader(tool: str, directory: Path):
     import torch
 
     if tool == "llavakit":
-        from llavakit.config import LlavaConfig
+        from llavakit.checkpoint_config import read_checkpoint_config
         from llavakit.weights.loader import load_llava
 
-        return lambda: load_llava(LlavaConfig.from_pretrained(directory), directory, torch.float16,
+        return lambda: load_llava(read_checkpoint_config(directory), directory, torch.float16,
                                   torch.device("cpu"))
     from transformers import LlavaForConditionalGeneration
 

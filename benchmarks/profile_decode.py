@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> int:
     import llavakit
     from llavakit.config import EngineConfig
-    from llavakit.engine.llm_engine import LLMEngine
     from llavakit.eval import bench
     from llavakit.sampling import SamplingParams
 
@@ -37,12 +36,12 @@ def main() -> int:
     pipe = llavakit.load(args.preset, dtype="bfloat16", device="cuda", load_format="dummy", tokenizer=args.tokenizer)
     if args.variants:
         variants(pipe, args)
-    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=64, kv_cache_memory=24 << 30))
+    engine = bench.BenchEngine(pipe, EngineConfig(max_num_seqs=64, kv_cache_memory=24 << 30))
     graphs = engine.runner.graphs
     for b in (int(x) for x in args.batch.split(",")):
         reqs = [{"prompt": bench.QUESTIONS[0], "images": [bench.noise(100 + i)]} for i in range(b)]
         for i, r in enumerate(reqs):
-            engine.add_request(f"p{b}-{i}", r, SamplingParams(max_tokens=40, ignore_eos=True))
+            engine.submit(f"p{b}-{i}", r, SamplingParams(max_tokens=40, ignore_eos=True))
         for _ in range(12):  # prefill, then a few decode steps: the buffers now hold this batch
             engine.step()
         bucket = graphs.bucket(b)
@@ -75,13 +74,12 @@ def main() -> int:
 def replay_ms(pipe, batch: int, steps: int) -> float:
     """A fresh engine (graphs captured now), `batch` one-image requests prefilled, one replay's median-ish time."""
     from llavakit.config import EngineConfig
-    from llavakit.engine.llm_engine import LLMEngine
     from llavakit.eval import bench
     from llavakit.sampling import SamplingParams
 
-    engine = LLMEngine(pipe, EngineConfig(max_num_seqs=16, kv_cache_memory=8 << 30))
+    engine = bench.BenchEngine(pipe, EngineConfig(max_num_seqs=16, kv_cache_memory=8 << 30))
     for i in range(batch):
-        engine.add_request(f"v{i}", {"prompt": bench.QUESTIONS[0], "images": [bench.noise(100 + i)]},
+        engine.submit(f"v{i}", {"prompt": bench.QUESTIONS[0], "images": [bench.noise(100 + i)]},
                            SamplingParams(max_tokens=40, ignore_eos=True))
     for _ in range(12):
         engine.step()

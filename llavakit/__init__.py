@@ -7,7 +7,7 @@ processing of prompts) can be imported without torch.
 from llavakit.sampling import SamplingParams
 
 _LAZY = {"load": "llavakit.pipeline", "Pipeline": "llavakit.pipeline", "GenerationOutput": "llavakit.generation",
-         "LLM": "llavakit.engine.llm_engine"}
+         "LLM": "llavakit.llm"}
 
 __all__ = ["load", "LLM", "Pipeline", "GenerationOutput", "SamplingParams"]
 __version__ = "0.1.0"

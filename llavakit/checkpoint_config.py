@@ -27,7 +27,10 @@ from llavakit.config import (
 _DEFAULT_TOKEN_IDS = {"llava": (32000, None), "llava_next": (32000, None), "llava_next_video": (32001, 32000)}
 
 
-def read_checkpoint_config(path: Path, vision_tower: str | Path | None) -> LlavaConfig:
+def read_checkpoint_config(path: str | Path, vision_tower: str | Path | None = None) -> LlavaConfig:
+    """Read `path/config.json` in any of the three layouts (llava-hf, transformers, original LLaVA).
+    `vision_tower`: a local CLIP directory for original checkpoints whose `mm_vision_tower` lives elsewhere."""
+    path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"checkpoint directory {path} does not exist; pass a local directory or a hub id")
     if not (path / "config.json").is_file():

@@ -319,14 +319,6 @@ class LlavaConfig:
         side = self.vision.grid_size // self.spatial_pool_stride
         return side * side
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, vision_tower: str | Path | None = None) -> "LlavaConfig":
-        """Read `path/config.json` in any of the three layouts. `vision_tower` is a local CLIP directory
-        for original checkpoints whose `mm_vision_tower` lives elsewhere."""
-        from llavakit.checkpoint_config import read_checkpoint_config  # the file-reading half of this module
-
-        return read_checkpoint_config(Path(path), vision_tower)
-
 
 # image_aspect_ratio (the original LLaVA config key) -> ImageConfig.mode; "square" is the original code's name for
 # a plain CLIP resize + center crop, kept because training configs copied from LLaVA use it.

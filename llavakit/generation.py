@@ -17,8 +17,8 @@ import torch
 from llavakit.layers.attention import AttentionMetadata, KVCache
 from llavakit.layers.sampler import sample_batch
 from llavakit.models.llava import LlavaForConditionalGeneration
-from llavakit.processing.detokenizer import IncrementalDetokenizer
-from llavakit.processing.prompt import Media, PreparedVideo
+from llavakit.processing.detokenizer import TextStream
+from llavakit.processing.prompt import Media, PromptInputs
 from llavakit.sampling import SamplingParams
 
 
@@ -43,20 +43,6 @@ class GenerationOutput:
     timings: Timings = field(default_factory=Timings)
 
 
-def encode_media(model: LlavaForConditionalGeneration, media: list[Media], device: torch.device) -> list[torch.Tensor]:
-    """Features of each image and video, in the order given: all images in one tower call, all videos in
-    another."""
-    videos = [i for i, m in enumerate(media) if isinstance(m, PreparedVideo)]
-    images = [i for i, m in enumerate(media) if not isinstance(m, PreparedVideo)]
-    out: dict[int, torch.Tensor] = {}
-    if images:
-        pixels = [media[i].pixel_values.to(device) for i in images]
-        out.update(zip(images, model.encode_images(pixels, [media[i].size for i in images])))
-    if videos:
-        out.update(zip(videos, model.encode_videos([media[i].pixel_values.to(device) for i in videos])))
-    return [out[i] for i in range(len(media))]
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
         torch.cuda.synchronize(device)
@@ -78,7 +64,7 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media:
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim,
                     model.lm_head.weight.dtype, device)
     t0 = _now(device)
-    feats = encode_media(model, media, device) if media else None
+    feats = model.encode_media([m.pixel_values.to(device) for m in media], [m.size for m in media]) if media else None
     t1 = _now(device)
     seen = torch.tensor(ids, device=device)
     hidden = model(model.embed_inputs(seen[None], feats), torch.arange(len(ids), device=device)[None], cache)
@@ -108,40 +94,30 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media:
 class Generation:
     """One request: iterating yields text deltas (never a partial stop string); `output` is set at the end."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, ids: list[int],
-                 media: list[Media], params: SamplingParams, template_stop: str | None = None,
-                 timings: Timings | None = None):
-        self.model, self.tokenizer, self.ids, self.media, self.params = model, tokenizer, ids, media, params
-        self.stops = list(params.stop) + ([template_stop] if template_stop else [])
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer: Any, inputs: PromptInputs,
+                 params: SamplingParams, timings: Timings | None = None):
+        self.model, self.tokenizer, self.inputs, self.params = model, tokenizer, inputs, params
+        self.stops = list(params.stop) + ([inputs.stop] if inputs.stop else [])
         eos = [] if params.ignore_eos else model.cfg.text.eos_token_ids + [tokenizer.eos_token_id]
         self.stop_ids = {i for i in eos + list(params.stop_token_ids) if i is not None}
         self.timings = timings or Timings()
         self.output: GenerationOutput | None = None
 
     def __iter__(self) -> Iterator[str]:
-        detok = IncrementalDetokenizer(self.tokenizer)
+        stream = TextStream(self.tokenizer, self.stops, self.stop_ids)
         tokens: list[int] = []
-        emitted, finish, cut = 0, "length", None
-        for token in generate_tokens(self.model, self.ids, self.media, self.params, self.timings):
+        emitted = 0
+        for token in generate_tokens(self.model, self.inputs.ids, self.inputs.media, self.params, self.timings):
             tokens.append(token)
-            if token in self.stop_ids:
-                finish = "stop"
+            if stream.push(token) or len(tokens) >= self.params.max_tokens:
                 break
-            detok.push(token)
-            cut = find_stop(detok.text, self.stops)
-            if cut is not None:
-                finish = "stop"
-                break
-            safe = len(detok.text) - partial_stop_length(detok.text, self.stops)
-            if safe > emitted:
-                yield detok.text[emitted:safe]
-                emitted = safe
-            if len(tokens) >= self.params.max_tokens:
-                break
-        text = detok.text if cut is None else detok.text[:cut]
-        if len(text) > emitted:
-            yield text[emitted:]
-        self.output = GenerationOutput(text, tokens, self.ids, finish, self.timings)
+            if len(stream.visible) > emitted:
+                yield stream.visible[emitted:]
+                emitted = len(stream.visible)
+        if len(stream.text) > emitted:
+            yield stream.text[emitted:]
+        finish = "stop" if stream.stopped else "length"
+        self.output = GenerationOutput(stream.text, tokens, self.inputs.ids, finish, self.timings)
 
     def run(self) -> GenerationOutput:
         """Generate to the end and return the output."""
@@ -149,20 +125,3 @@ class Generation:
             pass
         assert self.output is not None
         return self.output
-
-
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Index of the earliest stop string in `text`, None when there is none."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def partial_stop_length(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that could begin a stop string: held back from the stream."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

@@ -9,13 +9,15 @@ the text marks where each one goes, else the template puts them before the first
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llavakit.config import LlavaConfig, VideoConfig, with_image_aspect_ratio
+from llavakit.checkpoint_config import read_checkpoint_config
+
+from llavakit.config import VideoConfig, with_image_aspect_ratio
 from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.conversation import get_template
@@ -109,7 +111,7 @@ def load_processor(directory: Path, *, vision_tower: str | Path | None = None, c
                    image_aspect_ratio: str | None = None) -> PromptProcessor:
     """Config, tokenizer and template of a checkpoint directory, without its weights; image_aspect_ratio
     overrides the image processing its files name (see `load`)."""
-    cfg = with_image_aspect_ratio(LlavaConfig.from_pretrained(directory, vision_tower=vision_tower),
+    cfg = with_image_aspect_ratio(read_checkpoint_config(directory, vision_tower=vision_tower),
                                   image_aspect_ratio)
     cfg.video = _with_frames(cfg.video, num_frames)
     tokenizer = load_tokenizer(directory)
@@ -125,7 +127,12 @@ def _with_frames(video: VideoConfig, num_frames: int | None) -> VideoConfig:
 def _sampling(max_new_tokens: int = 256, **kw) -> SamplingParams:
     if "max_tokens" in kw:
         max_new_tokens = kw.pop("max_tokens")
-    return SamplingParams(max_tokens=max_new_tokens, **kw)
+    params = SamplingParams(max_tokens=max_new_tokens, **kw)
+    if params.n != 1 or params.logprobs is not None:
+        asked = "n > 1" if params.n != 1 else "logprobs"
+        raise ValueError(f"Pipeline answers once, without logprobs ({asked} was asked); llavakit.LLM does both: "
+                         "LLM(model).generate(prompts, SamplingParams(n=..., logprobs=...))")
+    return params
 
 
 class Pipeline:
@@ -148,47 +155,33 @@ class Pipeline:
     def inputs(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                videos: list[Any] | None = None) -> PromptInputs:
         """What `generate` would feed the model: input ids and the preprocessed media, each prepared once."""
-        return self._inputs(self._render_prompt(prompt, images, videos, conv_mode), images, videos)
+        return self.processor.prompt_inputs(prompt, images or (), videos or (), conv_mode)
 
     def generate(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                  videos: list[Any] | None = None, **sampling) -> GenerationOutput:
         """Answer `prompt` (the first user turn of the template, or verbatim with conv_mode="raw")."""
-        return self._run(self._render_prompt(prompt, images, videos, conv_mode), images, videos, conv_mode,
-                         sampling).run()
+        return self._run(lambda: self.inputs(prompt, images, conv_mode, videos=videos), sampling).run()
 
     def stream(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                videos: list[Any] | None = None, **sampling) -> Iterator[str]:
         """Like generate, yielding text as it is produced."""
-        yield from self._run(self._render_prompt(prompt, images, videos, conv_mode), images, videos, conv_mode,
-                             sampling)
+        yield from self._run(lambda: self.inputs(prompt, images, conv_mode, videos=videos), sampling)
 
     def chat(self, messages: list[dict[str, str]], images: list[Any] | None = None, conv_mode: str | None = None,
              *, videos: list[Any] | None = None, **sampling) -> GenerationOutput:
         """Answer the last user message of a conversation ({"role", "content"} dicts)."""
-        return self._run(self._render_messages(messages, images, videos, conv_mode), images, videos, conv_mode,
+        return self._run(lambda: self.processor.chat_inputs(messages, images or (), videos or (), conv_mode),
                          sampling).run()
 
     def stream_chat(self, messages: list[dict[str, str]], images: list[Any] | None = None,
                     conv_mode: str | None = None, *, videos: list[Any] | None = None, **sampling) -> Iterator[str]:
-        yield from self._run(self._render_messages(messages, images, videos, conv_mode), images, videos, conv_mode,
+        yield from self._run(lambda: self.processor.chat_inputs(messages, images or (), videos or (), conv_mode),
                              sampling)
 
-    def _render_prompt(self, prompt: str, images, videos, conv_mode: str | None) -> str:
-        return self.processor.render_prompt(prompt, len(images or []), conv_mode, len(videos or []))
-
-    def _render_messages(self, messages: list[dict[str, str]], images, videos, conv_mode: str | None) -> str:
-        return self.processor.render_messages(messages, len(images or []), conv_mode, len(videos or []))
-
-    def _inputs(self, text: str, images: list[Any] | None, videos: list[Any] | None) -> PromptInputs:
-        prepared = self.processor.prepare_images(list(images or []))
-        clips = self.processor.prepare_videos(list(videos or []))
-        return self.processor.encode_prompt(text, prepared, clips)
-
-    def _run(self, text: str, images: list[Any] | None, videos: list[Any] | None, conv_mode: str | None,
-             sampling: dict) -> Generation:
+    def _run(self, build: Callable[[], PromptInputs], sampling: dict) -> Generation:
+        """Sampling checked first, then the inputs built (timed as preprocessing)."""
         params = _sampling(**sampling)
         start = time.perf_counter()
-        inputs = self._inputs(text, images, videos)
+        inputs = build()
         timings = Timings(preprocess_ms=(time.perf_counter() - start) * 1e3)
-        stop = self.processor.template_for(conv_mode).stop_str if conv_mode != "raw" else self.template.stop_str
-        return Generation(self.model, self.tokenizer, inputs.ids, inputs.media, params, stop, timings)
+        return Generation(self.model, self.tokenizer, inputs, params, timings)

@@ -7,6 +7,8 @@ import json
 import huggingface_hub.constants
 import pytest
 
+from llavakit.checkpoint_config import read_checkpoint_config
+
 from llavakit.config import ConfigError, LlavaConfig, parse_pinpoints
 from llavakit.processing.image import num_image_tokens
 
@@ -71,7 +73,7 @@ def _cfg(tmp_path, raw, processor=None) -> LlavaConfig:
     (d / "config.json").write_text(json.dumps(raw))
     if processor:
         (d / "preprocessor_config.json").write_text(json.dumps(processor))
-    return LlavaConfig.from_pretrained(d)
+    return read_checkpoint_config(d)
 
 
 def _tokens(cfg: LlavaConfig, width: int, height: int) -> int:
@@ -135,7 +137,7 @@ def test_next_video_frame_settings_from_video_preprocessor_config(tmp_path):
     (tmp_path / "ck" / "video_preprocessor_config.json").write_text(json.dumps(
         {"video_processor_type": "LlavaNextVideoVideoProcessor", "num_frames": 8, "size": {"shortest_edge": 400},
          "crop_size": {"height": 336, "width": 336}}))
-    video = LlavaConfig.from_pretrained(tmp_path / "ck").video
+    video = read_checkpoint_config(tmp_path / "ck").video
     assert video.num_frames == 8 and (video.frame.size, video.frame.crop_size) == (400, 336)
 
 

@@ -83,6 +83,12 @@ def test_length_stop_strings_and_stop_ids(tiny, image):
     assert full.text.startswith(stopped.text) and stopped.text == full.text[:full.text.index(needle)]
 
 
+@pytest.mark.parametrize("asked", [{"n": 2}, {"logprobs": 1}])
+def test_pipeline_refuses_what_only_the_engine_does(tiny, image, asked):
+    with pytest.raises(ValueError, match="Pipeline answers once.*llavakit.LLM"):
+        tiny[2].generate("What is it?", images=[image], **asked)
+
+
 def test_stream_yields_the_generated_text(tiny, image):
     _, _, pipe = tiny
     pieces = list(pipe.stream(PROMPT, images=[image], max_new_tokens=15))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llavakit.demo.scenes import COLORS, NUMBER_WORDS, SHAPES, Scene, Shape
@@ -66,13 +67,95 @@ def _yes(flag: bool) -> str:
     return "Yes." if flag else "No."
 
 
+Asked = tuple[QA, Shape | None] | None  # the question and the shape it is about; None: the scene cannot support it
+
+
+def _ask_caption(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    return QA(_phrase(rng, "caption"), caption(scene), "caption"), None
+
+
+def _ask_color(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    pool = _unique(scene, "kind")  # "the circle" names one shape only when the scene has one circle
+    if not pool:
+        return None
+    s = rng.choice(pool)
+    return QA(_phrase(rng, "color", kind=s.kind), f"{s.color.capitalize()}.", "color"), s
+
+
+def _ask_shape(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    pool = _unique(scene, "color")
+    if not pool:
+        return None
+    s = rng.choice(pool)
+    return QA(_phrase(rng, "shape", color=s.color), f"A {s.kind}.", "shape"), s
+
+
+def _ask_count(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    if rng.random() < 0.5:
+        return QA(_phrase(rng, "count"), f"{NUMBER_WORDS[len(scene.shapes)]}.", "count"), None
+    k = rng.choice(SHAPES)
+    n = sum(s.kind == k for s in scene.shapes)
+    return QA(_phrase(rng, "count_kind", kind=k), f"{NUMBER_WORDS[n]}.", "count"), None
+
+
 def _exists_present(rng: random.Random, shapes) -> tuple[QA, Shape]:
     s = rng.choice(shapes)
     return QA(_phrase(rng, "exists", name=s.name), "Yes.", "yesno"), s
 
 
-def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0,
-        kind_only: float = 0.0) -> tuple[QA, Shape | None] | None:
+def _exists_kind_only(rng: random.Random, shapes, kind_only: float) -> Asked:
+    """Half about a present shape; of the rest, `kind_only` name a kind in the scene in a colour it lacks there.
+    None: neither was drawn (no such name, or the draw said no), and the question is drawn as without it."""
+    if rng.random() < 0.5:
+        return _exists_present(rng, shapes)
+    present, kinds = {s.name for s in shapes}, {s.kind for s in shapes}
+    if rng.random() < kind_only:
+        pool = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present and k in kinds]
+        if pool:
+            return QA(_phrase(rng, "exists", name=" ".join(rng.choice(pool))), "No.", "yesno"), None
+    return None
+
+
+def _ask_exists(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    shapes = scene.shapes
+    if kind_only and (got := _exists_kind_only(rng, shapes, kind_only)) is not None:
+        return got
+    if rng.random() < 0.5:
+        return _exists_present(rng, shapes)
+    present = {s.name for s in shapes}
+    absent = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
+    if hard_negatives and rng.random() < hard_negatives:
+        absent = [(c, k) for c, k in absent if any(c == s.color or k == s.kind for s in shapes)] or absent
+    return QA(_phrase(rng, "exists", name=" ".join(rng.choice(absent))), "No.", "yesno"), None
+
+
+def _ask_where(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    s = rng.choice(scene.shapes)
+    box = scene.norm_box(s)
+    return QA(_phrase(rng, "where", name=s.name), box_text(box), "grounding", box=box), s
+
+
+def _ask_relation(rng: random.Random, scene: Scene, hard_negatives: float, kind_only: float) -> Asked:
+    if len(scene.shapes) < 2:
+        return None
+    a, b = rng.sample(list(scene.shapes), 2)
+    rel = rng.choice(["left", "right", "above"])
+    (ax, ay), (bx, by) = a.center, b.center
+    truth = {"left": ax < bx, "right": ax > bx, "above": ay < by}[rel]
+    return QA(_phrase(rng, rel, a=a.name, b=b.name), _yes(truth), "yesno"), None
+
+
+# One function per question kind, all with the same arguments (only existence questions use the last two).
+# The order is KINDS', the order that recipe weights are written in.
+ASKERS: dict[str, Callable[[random.Random, Scene, float, float], Asked]] = {
+    "caption": _ask_caption, "color": _ask_color, "shape": _ask_shape, "count": _ask_count,
+    "exists": _ask_exists, "where": _ask_where, "relation": _ask_relation,
+}
+KINDS = list(ASKERS)
+WEIGHTS = [1, 2, 2, 2, 2, 3, 2]
+
+
+def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0, kind_only: float = 0.0) -> Asked:
     """One question of `kind` about the scene (None when the scene cannot support it), and the shape it
     is about (for follow-ups). `hard_negatives`: how often an existence question about an absent shape
     names one that shares its colour or its kind with a shape in the scene ("Is there a red square?" next
@@ -80,56 +163,10 @@ def ask(rng: random.Random, scene: Scene, kind: str, hard_negatives: float = 0.0
     used exactly as before. `kind_only` (training only): half the existence questions are about a shape in
     the scene; of the rest, this share name a kind in the scene in a colour it does not have there ("Is
     there a green circle?" next to a red circle) when there is one, and the others are drawn as without it."""
-    shapes = scene.shapes
-    if kind == "exists" and kind_only:
-        if rng.random() < 0.5:
-            return _exists_present(rng, shapes)
-        present, kinds = {s.name for s in shapes}, {s.kind for s in shapes}
-        if rng.random() < kind_only:
-            pool = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present and k in kinds]
-            if pool:
-                return QA(_phrase(rng, "exists", name=" ".join(rng.choice(pool))), "No.", "yesno"), None
-    if kind == "caption":
-        return QA(_phrase(rng, "caption"), caption(scene), "caption"), None
-    if kind == "color":
-        pool = _unique(scene, "kind")
-        if not pool:
-            return None
-        s = rng.choice(pool)
-        return QA(_phrase(rng, "color", kind=s.kind), f"{s.color.capitalize()}.", "color"), s
-    if kind == "shape":
-        pool = _unique(scene, "color")
-        if not pool:
-            return None
-        s = rng.choice(pool)
-        return QA(_phrase(rng, "shape", color=s.color), f"A {s.kind}.", "shape"), s
-    if kind == "count":
-        if rng.random() < 0.5:
-            return QA(_phrase(rng, "count"), f"{NUMBER_WORDS[len(shapes)]}.", "count"), None
-        k = rng.choice(SHAPES)
-        n = sum(s.kind == k for s in shapes)
-        return QA(_phrase(rng, "count_kind", kind=k), f"{NUMBER_WORDS[n]}.", "count"), None
-    if kind == "exists":
-        if rng.random() < 0.5:
-            return _exists_present(rng, shapes)
-        present = {s.name for s in shapes}
-        absent = [(c, k) for c in COLORS for k in SHAPES if f"{c} {k}" not in present]
-        if hard_negatives and rng.random() < hard_negatives:
-            absent = [(c, k) for c, k in absent if any(c == s.color or k == s.kind for s in shapes)] or absent
-        return QA(_phrase(rng, "exists", name=" ".join(rng.choice(absent))), "No.", "yesno"), None
-    if kind == "where":
-        s = rng.choice(shapes)
-        box = scene.norm_box(s)
-        return QA(_phrase(rng, "where", name=s.name), box_text(box), "grounding", box=box), s
-    if kind == "relation":
-        if len(shapes) < 2:
-            return None
-        a, b = rng.sample(list(shapes), 2)
-        rel = rng.choice(["left", "right", "above"])
-        (ax, ay), (bx, by) = a.center, b.center
-        truth = {"left": ax < bx, "right": ax > bx, "above": ay < by}[rel]
-        return QA(_phrase(rng, rel, a=a.name, b=b.name), _yes(truth), "yesno"), None
-    raise ValueError(kind)
+    asker = ASKERS.get(kind)
+    if asker is None:
+        raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
+    return asker(rng, scene, hard_negatives, kind_only)
 
 
 def follow_up(rng: random.Random, scene: Scene, about: Shape) -> QA:
@@ -141,10 +178,6 @@ def follow_up(rng: random.Random, scene: Scene, about: Shape) -> QA:
         return QA(_phrase(rng, kind), f"A {about.kind}.", "followup")
     box = scene.norm_box(about)
     return QA(_phrase(rng, kind), box_text(box), "followup", box=box)
-
-
-KINDS = ["caption", "color", "shape", "count", "exists", "where", "relation"]
-WEIGHTS = [1, 2, 2, 2, 2, 3, 2]
 
 
 def conversation(rng: random.Random, scene: Scene, turns: int, kinds: list[str] = KINDS,

@@ -7,9 +7,9 @@ import asyncio
 import copy
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
 from llavakit.engine.llm_engine import LLMEngine, RequestOutput
+from llavakit.processing.prompt import PromptInputs
 from llavakit.sampling import SamplingParams
 
 
@@ -25,18 +25,14 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="llavakit-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._streams)
-
-    async def generate(self, request: dict[str, Any], params: SamplingParams, request_id: str
+    async def generate(self, inputs: PromptInputs, params: SamplingParams, request_id: str
                        ) -> AsyncIterator[RequestOutput]:
         """Yield snapshots of the request's output as tokens arrive; the last one has finished=True.
         Bad requests raise here (ValueError) before anything is queued."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
-            self.engine.add_request(request_id, request, params)
+            self.engine.add_request(request_id, inputs, params)
             self._streams[request_id] = (loop, queue)
         self._wake.set()
         finished = False

@@ -16,7 +16,6 @@ import torch
 from llavakit.config import EngineConfig
 from llavakit.engine.cuda_graphs import DecodeGraphs
 from llavakit.engine.scheduler import ScheduledBatch
-from llavakit.generation import encode_media
 from llavakit.layers.attention import PagedAttentionMetadata
 from llavakit.models.llama import fuse_projections
 from llavakit.models.llava import LlavaForConditionalGeneration
@@ -110,20 +109,20 @@ class ModelRunner:
                             self.cfg.max_num_seqs, blocks, capture)
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, images: dict[str, Media]) -> tuple[list[int], torch.Tensor]:
+    def execute(self, batch: ScheduledBatch, media: dict[str, Media]) -> tuple[list[int], torch.Tensor]:
         """Compute one step; returns the seq_ids that sample and their next-token logits (S', V), fp32."""
         if self.graphs is not None and self._graphable(batch):
             logits = self.graphs.run(batch.items)
             return [item.seq.seq_id for item in batch.items], logits
         ids, positions, slots, feats = [], [], [], []
-        self._encode_missing(batch, images)
+        self._encode_missing(batch, media)
         for item in batch.items:
             seq, end = item.seq, item.start + item.num_tokens
             ids += seq.token_ids[item.start:end]
             positions += range(item.start, end)
             slots += [seq.block_table[p // self.cfg.block_size] * self.cfg.block_size + p % self.cfg.block_size
                       for p in range(item.start, end)]
-            feats += [self.features[span.content_hash][a:b] for span, a, b in seq.images_in(item.start, end)]
+            feats += [self.features[span.content_hash][a:b] for span, a, b in seq.media_in(item.start, end)]
         meta = self._metadata(batch, slots)
         input_ids = torch.tensor([ids], device=self.device)
         embeds = self.model.embed_inputs(input_ids, feats or None)
@@ -136,7 +135,7 @@ class ModelRunner:
     def _graphable(self, batch: ScheduledBatch) -> bool:
         """Every row one token that samples and is no image placeholder, at most max_num_seqs rows."""
         return len(batch.items) <= self.graphs.max_batch and all(
-            item.num_tokens == 1 and item.samples and not item.seq.images_in(item.start, item.start + 1)
+            item.num_tokens == 1 and item.samples and not item.seq.media_in(item.start, item.start + 1)
             for item in batch.items)
 
     def _metadata(self, batch: ScheduledBatch, slots: list[int]) -> PagedAttentionMetadata:
@@ -156,18 +155,19 @@ class ModelRunner:
             block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
             decode_only=all(n == 1 for n in query_lens), backend=self.backend)
 
-    def _encode_missing(self, batch: ScheduledBatch, images: dict[str, Media]) -> None:
+    def _encode_missing(self, batch: ScheduledBatch, media: dict[str, Media]) -> None:
         """Encode every image and video this step needs that the cache does not hold."""
         todo: dict[str, Media] = {}
         for item in batch.items:
-            for span, _, _ in item.seq.images_in(item.start, item.start + item.num_tokens):
+            for span, _, _ in item.seq.media_in(item.start, item.start + item.num_tokens):
                 if span.content_hash in self.features:
                     self.features.move_to_end(span.content_hash)
                 else:
-                    todo[span.content_hash] = images[span.content_hash]
+                    todo[span.content_hash] = media[span.content_hash]
         if not todo:
             return
-        encoded = encode_media(self.model, list(todo.values()), self.device)
+        items = list(todo.values())
+        encoded = self.model.encode_media([m.pixel_values.to(self.device) for m in items], [m.size for m in items])
         videos = sum(isinstance(p, PreparedVideo) for p in todo.values())
         self.videos_encoded += videos
         self.images_encoded += len(todo) - videos

@@ -1,9 +1,10 @@
-"""Sequence: one generation stream's tokens, images and KV bookkeeping, plus the block hashes that prefix
-caching matches on. Pure Python (no torch), so the scheduler and block manager are testable alone.
+"""Sequence: one generation stream's tokens, media (images and videos) and KV bookkeeping, plus the block
+hashes that prefix caching matches on. Pure Python (no torch), so the scheduler and block manager are testable
+alone.
 
-A block's hash chains the previous block's hash with the block's token ids and, for every image whose
-placeholder tokens overlap the block, the image's content hash and the overlap's offsets. Placeholder ids
-are the same for every image, so without the content hash two different images would share KV blocks.
+A block's hash chains the previous block's hash with the block's token ids and, for every image or video
+whose placeholder tokens overlap the block, its content hash and the overlap's offsets. Placeholder ids are
+the same for every item, so without the content hash two different images would share KV blocks.
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(slots=True)
-class ImageSpan:
-    """One image's (or video's) run of placeholder tokens inside a sequence."""
+class MediaSpan:
+    """One image's or video's run of placeholder tokens inside a sequence."""
 
     start: int  # position of its first placeholder token
     length: int  # number of placeholder tokens (= its number of image or video features)
     content_hash: str  # hex digest of the content (distinct images or videos -> distinct hashes)
 
 
-def block_hash(prev: int | None, token_ids: list[int], images: list[tuple[ImageSpan, int, int]],
+def block_hash(prev: int | None, token_ids: list[int], media: list[tuple[MediaSpan, int, int]],
                block_start: int) -> int:
     """128-bit hash of one full block, chained on `prev` (None for the first block)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(b"-" if prev is None else prev.to_bytes(16, "little"))
     h.update(array("q", token_ids).tobytes())
-    for span, a, b in images:
+    for span, a, b in media:
         h.update(f"|{span.content_hash}:{a}:{b}@{span.start + a - block_start}".encode())
     return int.from_bytes(h.digest(), "little")
 
@@ -44,16 +45,16 @@ class Sequence:
     """Prompt + generated tokens of one output stream, with its place in the KV cache."""
 
     def __init__(self, seq_id: int, request_id: str, prompt_token_ids: list[int], params,
-                 images: list[ImageSpan] = (), eos_token_ids: set[int] = frozenset()):
+                 media: list[MediaSpan] = (), eos_token_ids: set[int] = frozenset()):
         if not prompt_token_ids:
             raise ValueError("a sequence needs at least one prompt token")
         self.seq_id, self.request_id, self.params = seq_id, request_id, params
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
-        self.images = sorted(images, key=lambda s: s.start)
-        for span in self.images:
+        self.media = sorted(media, key=lambda s: s.start)
+        for span in self.media:
             if span.start < 0 or span.length < 1 or span.start + span.length > self.num_prompt_tokens:
-                raise ValueError(f"image span [{span.start}, {span.start + span.length}) lies outside the "
+                raise ValueError(f"media span [{span.start}, {span.start + span.length}) lies outside the "
                                  f"{self.num_prompt_tokens}-token prompt")
         self.eos_token_ids = frozenset(eos_token_ids)
         self.status = SequenceStatus.WAITING
@@ -87,11 +88,11 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def images_in(self, start: int, end: int) -> list[tuple[ImageSpan, int, int]]:
+    def media_in(self, start: int, end: int) -> list[tuple[MediaSpan, int, int]]:
         """Image spans overlapping token range [start, end), each with the overlap as [a, b) offsets into
         the span (so its features [a:b] belong to this range)."""
         out = []
-        for span in self.images:
+        for span in self.media:
             a, b = max(start, span.start), min(end, span.start + span.length)
             if a < b:
                 out.append((span, a - span.start, b - span.start))
@@ -105,5 +106,5 @@ class Sequence:
             start = i * block_size
             prev = self._hashes[-1] if self._hashes else None
             ids = self.token_ids[start:start + block_size]
-            self._hashes.append(block_hash(prev, ids, self.images_in(start, start + block_size), start))
+            self._hashes.append(block_hash(prev, ids, self.media_in(start, start + block_size), start))
         return list(self._hashes)

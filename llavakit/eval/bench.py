@@ -95,13 +95,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_batch(engine: LLMEngine, requests: list[dict], params: list[SamplingParams]) -> BatchResult:
+def run_batch(engine: BenchEngine, requests: list[dict], params: list[SamplingParams]) -> BatchResult:
     """Submit all requests at once and run them to the end; first-token time is the batch's mean."""
     device = engine.runner.device
     encoded = engine.runner.images_encoded
     start = time.perf_counter()
-    for i, (r, p) in enumerate(zip(requests, params)):
-        engine.add_request(f"bench-{start}-{i}", r, p)
+    for i, (r, p) in enumerate(zip(requests, params, strict=True)):
+        engine.submit(f"bench-{start}-{i}", r, p)
     first: dict[str, float] = {}
     generated = 0
     while engine.has_unfinished():
@@ -128,7 +128,7 @@ def protocol_requests(batch_size: int, output_tokens: int = 256, *, purpose: int
     return reqs, [SamplingParams(max_tokens=output_tokens, ignore_eos=True) for _ in reqs]
 
 
-def mindie_protocol(engine: LLMEngine, batch_sizes=range(1, 11), output_tokens: int = 256, *, warmup: bool = True,
+def mindie_protocol(engine: BenchEngine, batch_sizes=range(1, 11), output_tokens: int = 256, *, warmup: bool = True,
                     repeat: int = 0, distinct_images: int | None = None) -> list[BatchResult]:
     """MindIE's performance protocol: for each batch size, one image per request, fixed output length. With
     warmup, each size's timed run follows an untimed run of the same shape on other images."""
@@ -249,8 +249,20 @@ def needed_model_len(pipe, output_tokens: int) -> int:
     return min(longest + output_tokens, pipe.config.text.context_length)
 
 
-def engine_for(pipe, **kw) -> LLMEngine:
-    return LLMEngine(pipe, EngineConfig(**kw))
+class BenchEngine(LLMEngine):
+    """The engine with the pipeline it serves: bench requests are dicts in `LLM.generate`'s forms, turned into
+    PromptInputs inside the timed region (as a server's preprocessing would be)."""
+
+    def __init__(self, pipe, cfg: EngineConfig):
+        super().__init__(pipe.model, pipe.tokenizer, cfg)
+        self.pipe = pipe
+
+    def submit(self, request_id: str, request: dict, params: SamplingParams) -> None:
+        self.add_request(request_id, self.pipe.processor.request_inputs(request), params)
+
+
+def engine_for(pipe, **kw) -> BenchEngine:
+    return BenchEngine(pipe, EngineConfig(**kw))
 
 
 def as_rows(results: list[BatchResult]) -> list[dict]:
@@ -317,7 +329,7 @@ class Suite:
         return s
 
 
-def run_suite(engine: LLMEngine, batch_sizes: list[int], output_tokens: int, requests: int, *, repeats: int = 1,
+def run_suite(engine: BenchEngine, batch_sizes: list[int], output_tokens: int, requests: int, *, repeats: int = 1,
               distinct_images: int | None = None, hf=None, log: Callable[[str], None] = print) -> Suite:
     """`repeats` rounds of: the protocol, the offline set, then (with `hf`) transformers on the same requests.
     Each shape is warmed up (untimed, other images) before its first timed run; every round uses fresh images."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-VERDICTS = ("A better", "B better", "no significant difference")
 _CELLS_PER_CHUNK = 2_000_000  # resample indices drawn at once: bounds memory for large files
 
 

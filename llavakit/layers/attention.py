@@ -3,7 +3,7 @@
 The model never allocates or keeps a cache: each forward call receives the per-layer cache tensors and
 metadata saying where the new tokens go. The simple generation path uses a contiguous cache (`KVCache`)
 with `AttentionMetadata`; the engine passes its paged cache with `PagedAttentionMetadata` through the same
-call, and `Attention.forward` dispatches on the metadata's type (paged_attention.py).
+call, and `Attention.forward` dispatches on the metadata's type, then on its backend (`paged_attention`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llavakit.layers.paged_attention import PagedAttentionMetadata, paged_attention
+from llavakit.layers.paged_attention import (KVPages, PagedAttentionMetadata, flex_attention_paged, torch_attention,
+                                             write_kv)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVPages,
+                    meta: PagedAttentionMetadata, sliding_window: int | None) -> torch.Tensor:
+    """q (1, N, H, D), k/v (1, N, H_kv, D): write the new k/v, attend -> (1, N, H * D)."""
+    if q.shape[0] != 1:
+        raise ValueError(f"paged attention takes the flattened batch as one row, got batch {q.shape[0]}")
+    backend = BACKENDS.get(meta.backend)
+    if backend is None:
+        raise ValueError(f"unknown paged attention backend {meta.backend!r}; choose one of {sorted(BACKENDS)}")
+    _, n, h, d = q.shape
+    write_kv(cache, k[0], v[0], meta.slot_mapping, meta.may_skip_slots)
+    out = backend(q[0], cache, meta, sliding_window)  # (N, H, D)
+    return out.reshape(1, n, h * d)
+
+
+def _triton(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata, window: int | None) -> torch.Tensor:
+    from llavakit.layers.triton_attention import triton_attention  # lazy: imports triton
+
+    return triton_attention(q, cache, meta, window)
+
+
+BACKENDS = {"torch": torch_attention, "flex": flex_attention_paged, "triton": _triton}
 
 
 @dataclass(slots=True)

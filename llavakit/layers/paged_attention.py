@@ -9,10 +9,11 @@ Cache layout, per layer: `(k_cache, v_cache)`, each (num_blocks, block_size, H_k
 context is one index of whole blocks (`k_cache[block_table]`, contiguous per block), and writing a token
 is one row of the flattened (num_blocks * block_size, H_kv, D) view at its slot.
 
-Backends are chosen by `PagedAttentionMetadata.backend`: "torch" (runs everywhere; the reference the
-others are tested against), "triton" (a paged decode kernel that reads each sequence's blocks in place,
-triton_attention.py; what the engine uses on CUDA, and the one CUDA graphs can capture) and "flex"
-(FlexAttention over the physical cache without gathering; eager on CPU is only for its tests).
+Backends (chosen by `PagedAttentionMetadata.backend`, dispatched in attention.py): "torch" (here; runs
+everywhere, the reference the others are tested against), "triton" (a paged decode kernel that reads each
+sequence's blocks in place, triton_attention.py; what the engine uses on CUDA, and the one CUDA graphs can
+capture) and "flex" (here: FlexAttention over the physical cache without gathering; eager on CPU is only for
+its tests).
 """
 
 from __future__ import annotations
@@ -78,20 +79,6 @@ def write_kv(cache: KVPages, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
-
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVPages,
-                    meta: PagedAttentionMetadata, sliding_window: int | None) -> torch.Tensor:
-    """q (1, N, H, D), k/v (1, N, H_kv, D): write the new k/v, attend -> (1, N, H * D)."""
-    if q.shape[0] != 1:
-        raise ValueError(f"paged attention takes the flattened batch as one row, got batch {q.shape[0]}")
-    backend = BACKENDS.get(meta.backend)
-    if backend is None:
-        raise ValueError(f"unknown paged attention backend {meta.backend!r}; choose one of {sorted(BACKENDS)}")
-    _, n, h, d = q.shape
-    write_kv(cache, k[0], v[0], meta.slot_mapping, meta.may_skip_slots)
-    out = backend(q[0], cache, meta, sliding_window)  # (N, H, D)
-    return out.reshape(1, n, h * d)
 
 
 def torch_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,
@@ -235,12 +222,3 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
-
-
-def _triton(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata, window: int | None) -> torch.Tensor:
-    from llavakit.layers.triton_attention import triton_attention  # noqa: I001 - lazy: imports triton
-
-    return triton_attention(q, cache, meta, window)
-
-
-BACKENDS = {"torch": torch_attention, "flex": flex_attention_paged, "triton": _triton}

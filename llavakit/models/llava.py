@@ -3,7 +3,8 @@ input.
 
 Three explicit steps, used alike by the simple generate loop, the engine and training:
 `encode_images` (tower, projector, AnyRes merge) and `encode_videos` (tower, 2-D pooling of every frame,
-projector) -> `embed_inputs` (masked scatter with a count check) -> `forward` (decoder) -> `compute_logits`.
+projector), both in prompt order through `encode_media` -> `embed_inputs` (masked scatter with a count
+check) -> `forward` (decoder) -> `compute_logits`.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ class LlavaForConditionalGeneration(nn.Module):
         feats = self.vision_tower(torch.cat(pixel_values))[:, 1:]  # (N, P, C): patches, CLS dropped
         feats = self.projector(self._pool_frames(feats))  # (N, P', D)
         return [f.flatten(0, 1) for f in feats.split(counts)]
+
+    def encode_media(self, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int] | None]
+                     ) -> list[torch.Tensor]:
+        """Features of images and videos in the order given: an item with an (h, w) size is an image, one
+        with None a video. All images go through `encode_images` in one call, all videos through
+        `encode_videos` in another."""
+        images = [i for i, size in enumerate(image_sizes) if size is not None]
+        videos = [i for i, size in enumerate(image_sizes) if size is None]
+        out: dict[int, torch.Tensor] = {}
+        if images:
+            out.update(zip(images, self.encode_images([pixel_values[i] for i in images],
+                                                      [image_sizes[i] for i in images])))
+        if videos:
+            out.update(zip(videos, self.encode_videos([pixel_values[i] for i in videos])))
+        return [out[i] for i in range(len(pixel_values))]
 
     def _pool_frames(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, g*g, C) -> (N, (g//s)**2, C): `average` or `max` pooling of the g x g grid, kernel = stride = s."""

@@ -7,6 +7,8 @@ known before the vision tower runs.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,26 @@ from llavakit.processing.video import VideoError, VideoLimits, load_video
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
+_REQUEST_KEYS = frozenset({"prompt", "messages", "prompt_token_ids", "images", "videos", "conv_mode"})
+
+
+# Markers for tags typed in untrusted text (a client's): never split on, turned back into the tag's characters
+# after splitting. NUL cannot be part of a tag, so a marker never overlaps a real tag, and someone who types a
+# marker only ever gets the tag's characters as text.
+_ESCAPED_TAGS = {IMAGE_TAG: "\x00llavakit:typed-image-tag\x00", VIDEO_TAG: "\x00llavakit:typed-video-tag\x00"}
+
+
+def escape_tags(text: str) -> str:
+    """Text whose "<image>" / "<video>" are read as characters, never as media slots (`encode_prompt`)."""
+    for tag, marker in _ESCAPED_TAGS.items():
+        text = text.replace(tag, marker)
+    return text
+
+
+def unescape_tags(text: str) -> str:
+    for tag, marker in _ESCAPED_TAGS.items():
+        text = text.replace(marker, tag)
+    return text
 
 
 @dataclass(slots=True)
@@ -43,23 +65,43 @@ class PreparedVideo:
     def num_frames(self) -> int:
         return self.pixel_values.shape[0]
 
+    @property
+    def size(self) -> None:
+        """No image size: what tells a video from an image to `LlavaForConditionalGeneration.encode_media`."""
+        return None
+
 
 Media = PreparedImage | PreparedVideo
 
 
+def media_hash(item: Media) -> str:
+    """Content hash of a preprocessed image (pixels and original size) or video (its sampled frames): equal
+    hashes mean equal features, which the engine's prefix cache and feature cache rely on."""
+    key = f"video {item.num_frames}" if isinstance(item, PreparedVideo) else str(item.size)
+    h = hashlib.sha256(key.encode())
+    h.update(item.pixel_values.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass(slots=True)
 class PromptInputs:
-    """Input ids with every placeholder run expanded, the images and videos in the order the prompt places
-    them, and where each one's run starts."""
+    """What one prompt feeds the model, built only by `PromptProcessor`: input ids with every placeholder run
+    expanded, the images and videos in the order the prompt places them, where each one's run starts, and
+    the stop string of the conversation template the text was rendered with (None for raw text)."""
 
     ids: list[int]
     media: list[Media]
     starts: list[int]
+    stop: str | None = None
 
     @property
     def spans(self) -> list[tuple[int, int]]:
         """(start, length) of each item's placeholder run, in prompt order."""
-        return [(start, item.num_tokens) for start, item in zip(self.starts, self.media)]
+        return [(start, item.num_tokens) for start, item in zip(self.starts, self.media, strict=True)]
+
+    def hashes(self) -> list[str]:
+        """Each item's `media_hash`, in prompt order (computed on each call: it reads every pixel)."""
+        return [media_hash(item) for item in self.media]
 
 
 def default_template_name(cfg: LlavaConfig, tokenizer: Any) -> str:
@@ -86,23 +128,26 @@ class PromptProcessor:
         self.template = template
         self.policy = policy
         self.video_limits = video_limits or VideoLimits()
+        self._literal: dict[int, list[int]] | None = None  # placeholder id -> ids of its spelling as text
         if cfg.use_im_start_end:
             missing = [t for t in ("<im_start>", "<im_end>") if t not in tokenizer.get_vocab()]
             if missing:
                 raise ValueError(f"config.json sets mm_use_im_start_end but the tokenizer lacks {missing}; "
                                  "use the tokenizer saved with this checkpoint")
 
-    def prepare_images(self, images: list[Any]) -> list[PreparedImage]:
-        """Load (path, URL, bytes, PIL) and preprocess each image."""
+    def prepare_images(self, images: Sequence[Any]) -> list[PreparedImage]:
+        """Load (path, URL, bytes, PIL) and preprocess each image; an already prepared image passes through."""
         out = []
         for source in images:
-            pixels, size = preprocess(load_image(source, self.policy), self.cfg.image)
-            n = num_image_tokens(size, self.cfg.vision, self.cfg.image, self.cfg.vision_feature_select,
-                                 self.cfg.patch_merge_type)
-            out.append(PreparedImage(pixels, size, n))
+            if not isinstance(source, PreparedImage):
+                pixels, size = preprocess(load_image(source, self.policy), self.cfg.image)
+                n = num_image_tokens(size, self.cfg.vision, self.cfg.image, self.cfg.vision_feature_select,
+                                     self.cfg.patch_merge_type)
+                source = PreparedImage(pixels, size, n)
+            out.append(source)
         return out
 
-    def prepare_videos(self, videos: list[Any], num_frames: int | None = None) -> list[PreparedVideo]:
+    def prepare_videos(self, videos: Sequence[Any], num_frames: int | None = None) -> list[PreparedVideo]:
         """Load (path, URL, bytes, frame array or list of PIL frames), sample `num_frames` frames (default:
         the checkpoint's) and preprocess each video; an already prepared video passes through."""
         if videos and not self.cfg.supports_video:
@@ -117,8 +162,8 @@ class PromptProcessor:
         return out
 
     def template_for(self, conv_mode: str | None) -> Template:
-        """The checkpoint's template, or the one `conv_mode` names."""
-        return self.template if conv_mode is None else get_template(conv_mode)
+        """The checkpoint's template, or the one `conv_mode` names ("raw": the checkpoint's)."""
+        return self.template if conv_mode in (None, "raw") else get_template(conv_mode)
 
     def render_messages(self, messages: list[dict[str, str]], num_images: int, conv_mode: str | None = None,
                         num_videos: int = 0) -> str:
@@ -133,33 +178,116 @@ class PromptProcessor:
             return prompt
         return self.render_messages([{"role": "user", "content": prompt}], num_images, conv_mode, num_videos)
 
-    def tokenize(self, text: str, images: list[PreparedImage], videos: list[PreparedVideo] = ()) -> list[int]:
+    # --- PromptInputs: the one way a prompt becomes model input (Pipeline, LLM, the server) ---------------
+
+    def prompt_inputs(self, prompt: str, images: Sequence[Any] = (), videos: Sequence[Any] = (),
+                      conv_mode: str | None = None) -> PromptInputs:
+        """`prompt` as the first user turn of the template (verbatim with conv_mode "raw"), its images and
+        videos (sources or prepared) each prepared once."""
+        images, videos = self.prepare_images(images), self.prepare_videos(videos)
+        text = self.render_prompt(prompt, len(images), conv_mode, len(videos))
+        return self.encode_prompt(text, images, videos, None if conv_mode == "raw" else self._stop(conv_mode))
+
+    def chat_inputs(self, messages: list[dict[str, str]], images: Sequence[Any] = (), videos: Sequence[Any] = (),
+                    conv_mode: str | None = None) -> PromptInputs:
+        """A conversation ({"role", "content"} dicts) rendered by the template, ready for its next answer."""
+        images, videos = self.prepare_images(images), self.prepare_videos(videos)
+        text = self.render_messages(messages, len(images), conv_mode, len(videos))
+        return self.encode_prompt(text, images, videos, self._stop(conv_mode))
+
+    def token_inputs(self, ids: list[int], images: Sequence[Any] = (), videos: Sequence[Any] = ()) -> PromptInputs:
+        """Ids the caller already expanded (benchmarks, replays): each image's and video's placeholder run is
+        found in `ids`, in order; no stop string."""
+        images, videos = self.prepare_images(images), self.prepare_videos(videos)
+        runs = sorted(_placeholder_runs(ids, self.cfg.image_token_id, images, "image")
+                      + _placeholder_runs(ids, self.cfg.video_token_id, videos, "video"), key=lambda r: r[0])
+        return PromptInputs(list(ids), [item for _, item in runs], [start for start, _ in runs])
+
+    def request_inputs(self, request: str | dict[str, Any] | PromptInputs) -> PromptInputs:
+        """A request in `llavakit.LLM.generate`'s forms: a prompt string, a PromptInputs (as it is), or a
+        dict with exactly one of {"prompt": str} (the first user turn; "conv_mode": "raw" feeds it verbatim),
+        {"messages": [...]} ({"role", "content"} dicts) or {"prompt_token_ids": [...]} (already expanded),
+        and optional "images", "videos" (sources or prepared) and "conv_mode"."""
+        if isinstance(request, PromptInputs):
+            return request
+        if isinstance(request, str):
+            request = {"prompt": request}
+        if not isinstance(request, dict):
+            raise TypeError(f"a request is a prompt string, a dict or PromptInputs, not {type(request).__name__}")
+        texts = [k for k in ("prompt", "messages", "prompt_token_ids") if k in request]
+        if request.keys() - _REQUEST_KEYS or len(texts) != 1:
+            raise ValueError("a request dict has exactly one of prompt, messages, prompt_token_ids, and optional "
+                             f"images, videos, conv_mode; got {', '.join(sorted(request))}")
+        images, videos = request.get("images") or (), request.get("videos") or ()
+        if "prompt_token_ids" in request:
+            return self.token_inputs(list(request["prompt_token_ids"]), images, videos)
+        if "messages" in request:
+            return self.chat_inputs(request["messages"], images, videos, request.get("conv_mode"))
+        return self.prompt_inputs(request["prompt"], images, videos, request.get("conv_mode"))
+
+    def tokenize(self, text: str, images: Sequence[PreparedImage], videos: Sequence[PreparedVideo] = ()) -> list[int]:
         """Input ids of rendered `text` with each image or video tag expanded to its item's feature count."""
         return self.encode_prompt(text, images, videos).ids
 
-    def tokenize_with_spans(self, text: str, images: list[PreparedImage],
-                            videos: list[PreparedVideo] = ()) -> tuple[list[int], list[tuple[int, int]]]:
-        """Input ids, and (start, length) of each image's or video's placeholder run, in prompt order."""
-        inputs = self.encode_prompt(text, images, videos)
-        return inputs.ids, inputs.spans
-
-    def encode_prompt(self, text: str, images: list[PreparedImage], videos: list[PreparedVideo] = ()) -> PromptInputs:
-        """Rendered `text` -> input ids; the n-th image tag takes images[n], the n-th video tag videos[n]."""
+    def encode_prompt(self, text: str, images: Sequence[PreparedImage], videos: Sequence[PreparedVideo] = (),
+                      stop: str | None = None) -> PromptInputs:
+        """Rendered `text` -> input ids; the n-th image tag takes images[n], the n-th video tag videos[n].
+        Tags escaped with `escape_tags` (text a client typed) are read as plain characters, and so is any
+        text that would tokenize to a placeholder id: only the media given here get placeholders."""
         if self.cfg.use_im_start_end:  # the original wraps the tag in text, then tokenizes around it
             text = text.replace(IMAGE_TAG, f"<im_start>{IMAGE_TAG}<im_end>")
         texts, tags = split_on_tags(text, [IMAGE_TAG, VIDEO_TAG] if self.cfg.supports_video else [IMAGE_TAG])
         _check_tag_count(tags.count(IMAGE_TAG), len(images), IMAGE_TAG, "image")
         _check_tag_count(tags.count(VIDEO_TAG), len(videos), VIDEO_TAG, "video")
-        chunks = tokenize_texts(self.tokenizer, texts)
+        chunks = [self._as_text(c) for c in tokenize_texts(self.tokenizer, [unescape_tags(t) for t in texts])]
         queues = {IMAGE_TAG: iter(images), VIDEO_TAG: iter(videos)}
         token_ids = {IMAGE_TAG: self.cfg.image_token_id, VIDEO_TAG: self.cfg.video_token_id}
-        inputs = PromptInputs(list(chunks[0]), [], [])
-        for tag, chunk in zip(tags, chunks[1:]):
+        inputs = PromptInputs(list(chunks[0]), [], [], stop)
+        for tag, chunk in zip(tags, chunks[1:], strict=True):
             item = next(queues[tag])
             inputs.starts.append(len(inputs.ids))
             inputs.media.append(item)
             inputs.ids += [token_ids[tag]] * item.num_tokens + chunk
         return inputs
+
+    def _stop(self, conv_mode: str | None) -> str | None:
+        return self.template_for(conv_mode).stop_str
+
+    def _as_text(self, ids: list[int]) -> list[int]:
+        """A chunk's ids with each placeholder id (text that spelled a placeholder token) replaced by the ids
+        of its characters."""
+        if self._literal is None:
+            vocab_size = len(self.tokenizer)
+            self._literal = {i: _text_ids(self.tokenizer, self.tokenizer.convert_ids_to_tokens(i))
+                             for i in (self.cfg.image_token_id, self.cfg.video_token_id)
+                             if i is not None and 0 <= i < vocab_size}
+        if not any(i in self._literal for i in ids):
+            return ids
+        return [j for i in ids for j in self._literal.get(i, (i,))]
+
+
+def _placeholder_runs(ids: list[int], token_id: int | None, items: list[Media], kind: str) -> list[tuple[int, Media]]:
+    """(start, item) of each image (or each video) in ids that were expanded by the caller, in order."""
+    runs, pos = [], 0
+    for item in items:
+        while pos < len(ids) and ids[pos] != token_id:
+            pos += 1
+        if ids[pos:pos + item.num_tokens] != [token_id] * item.num_tokens:
+            raise ValueError(f"prompt_token_ids lack the {item.num_tokens} placeholders of {kind} {len(runs) + 1}")
+        runs.append((pos, item))
+        pos += item.num_tokens
+    return runs
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Ids of `text` read as plain characters, as they continue a word: the tokenizer already keeps the
+    spaces around a special token it splits on, so no word-start marker may be added here."""
+    def ids(t: str) -> list[int]:
+        return tokenizer(t, add_special_tokens=False, split_special_tokens=True).input_ids
+
+    anchor = ids("x")
+    joined = ids("x" + text)
+    return joined[len(anchor):] if joined[:len(anchor)] == anchor else ids(text)
 
 
 def _check_tag_count(tags: int, items: int, tag: str, kind: str) -> None:

@@ -79,7 +79,7 @@ class Service:
 
     def __init__(self, pipe: Pipeline, engine_cfg: EngineConfig, cfg: ServeConfig):
         self.cfg = cfg
-        self.llm = LLMEngine(pipe, engine_cfg)
+        self.llm = LLMEngine(pipe.model, pipe.tokenizer, engine_cfg)
         self.engine = AsyncLLMEngine(self.llm)
         self.processor = pipe.processor
         self.encoder = PromptEncoder(pipe.processor)
@@ -194,8 +194,9 @@ class Service:
         request_id = f"req-{uuid.uuid4().hex}"
         images = [m for m in media if isinstance(m, PreparedImage)]  # each kind in prompt order; the engine
         videos = [m for m in media if isinstance(m, PreparedVideo)]  # finds their runs in the ids
-        stream = self.engine.generate({"prompt_token_ids": ids, "images": images, "videos": videos}, params,
-                                      request_id)
+        inputs = self.processor.token_inputs(ids, images, videos)
+        inputs.stop = self.processor.template.stop_str
+        stream = self.engine.generate(inputs, params, request_id)
         self.metrics.prompt_tokens.inc(len(ids))
         record = current_request.get()  # the request log line's counts
         if record is not None:

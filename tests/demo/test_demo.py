@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 import llavakit
 from llavakit.demo.evaluate import correct, iou, parse_box
-from llavakit.demo.questions import PHRASES, QA, ask, conversation
+from llavakit.demo.questions import KINDS, PHRASES, QA, ask, conversation
 from llavakit.demo.scenes import CANVASES, COLORS, SHAPES, draw_shape, random_scene
 from llavakit.processing.image import expand2square
 from llavakit.weights.hub import DEMO_MODEL
@@ -108,6 +108,30 @@ def test_kind_only_names_a_kind_of_the_scene_in_a_colour_it_lacks():
     assert kind_only["kind only"] / (400 - kind_only["yes"]) > 0.8 > hard["kind only"] / (400 - hard["yes"])
 
 
+def test_every_kind_and_option_draws_what_it_always_drew():
+    """ask() over every kind, up to four shapes, both canvas sets and the existence options: the questions,
+    answers, boxes and shapes asked about, and so the RNG's use, pinned (training data is drawn from them)."""
+    rng = random.Random(7)
+    got = []
+    for i in range(200):
+        scene = random_scene(rng, 1 + i % 4, any_canvas=bool(i % 2))
+        for kind in KINDS:
+            for hard_negatives, kind_only in ((0.0, 0.0), (0.5, 0.0), (1.0, 0.6)):
+                asked = ask(rng, scene, kind, hard_negatives, kind_only)
+                got.append(asked and (asked[0].question, asked[0].answer, asked[0].category, asked[0].box,
+                                      asked[1] and asked[1].name))
+    assert {g[2] for g in got if g} == {"caption", "color", "shape", "count", "yesno", "grounding"}
+    assert any(g is None for g in got)  # scenes that cannot support a kind (one shape: no relation)
+    digest = hashlib.sha256(json.dumps(got).encode()).hexdigest()
+    assert digest[:16] == "0dfb96c35fdcd78c"
+
+
+def test_an_unknown_question_kind_is_refused_with_the_known_ones():
+    scene = random_scene(random.Random(0))
+    with pytest.raises(ValueError, match="'follow_color'.*'caption', 'color', 'shape', 'count', 'exists'"):
+        ask(random.Random(0), scene, "follow_color")
+
+
 def test_box_is_in_the_padded_square_frame():
     rng = random.Random(5)
     scene = next(s for s in (random_scene(rng) for _ in range(50)) if s.width != s.height)
@@ -122,8 +146,8 @@ def test_box_is_in_the_padded_square_frame():
 def test_grading():
     assert parse_box("It is at [0.10, 0.20, 0.50, 0.60].") == [0.1, 0.2, 0.5, 0.6]
     assert iou([0, 0, 1, 1], [0, 0, 0.5, 1]) == pytest.approx(0.5)
-    assert correct(QA("q", "[0.10, 0.20, 0.50, 0.60]", "grounding", box=[0.1, 0.2, 0.5, 0.6]), "[0.12, 0.2, 0.5, 0.6]")
-    assert not correct(QA("q", "[0.10, 0.20, 0.50, 0.60]", "grounding", box=[0.1, 0.2, 0.5, 0.6]), "[0.6, 0.6, 0.9, 0.9]")
+    box = QA("q", "[0.10, 0.20, 0.50, 0.60]", "grounding", box=[0.1, 0.2, 0.5, 0.6])
+    assert correct(box, "[0.12, 0.2, 0.5, 0.6]") and not correct(box, "[0.6, 0.6, 0.9, 0.9]")
     assert correct(QA("q", "Two.", "count"), "2") and correct(QA("q", "Red.", "color"), "red")
     assert not correct(QA("q", "Red.", "color"), "Blue.")
 
@@ -291,8 +315,9 @@ def test_factor_code_writes_out_each_patch_facts():
                  for n, code_table in (("tens", code.tens), ("units", code.units)) for j in range(4))
     assert torch.allclose(c[rect[0]] - c[circ[0]], kinds + digits, atol=1e-5)  # same colour: it cancels
     scene = c[bg[0]] - w["color"] * code.color[0] - w["kind"] * code.kind[0]
-    assert torch.allclose(scene, w["scene"] * (code.count[2] + code.present[t["present"][0] > 0].sum(0)
-                                               + sum(code.count_kind[k][t["count_kind"][0, k]] for k in range(len(SHAPES)))), atol=1e-5)
+    per_kind = sum(code.count_kind[k][t["count_kind"][0, k]] for k in range(len(SHAPES)))
+    assert torch.allclose(scene, w["scene"] * (code.count[2] + code.present[t["present"][0] > 0].sum(0) + per_kind),
+                          atol=1e-5)
 
 
 def test_vision_stage_learns(tmp_path):
@@ -331,9 +356,11 @@ def test_exported_benchmark_scores_with_the_eval_commands(tmp_path):
     questions = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
     assert counts["questions"] == len(questions) and counts["vqa"] > 0 and counts["pope"] > 0
     assert all((tmp_path / "images" / q["image"]).is_file() for q in questions)
-    vqa = {r["question_id"]: r["answers"][0] for r in map(json.loads, (tmp_path / "vqa.jsonl").read_text().splitlines())}
-    pope = {r["question_id"]: r["label"] for r in map(json.loads, (tmp_path / "pope.jsonl").read_text().splitlines())}
-    truth = {**{q: a.capitalize() + "." for q, a in vqa.items()}, **{q: lab.capitalize() + "." for q, lab in pope.items()}}
+    rows = {name: [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+            for name in ("vqa", "pope")}
+    vqa = {r["question_id"]: r["answers"][0] for r in rows["vqa"]}
+    pope = {r["question_id"]: r["label"] for r in rows["pope"]}
+    truth = {q: a.capitalize() + "." for q, a in {**vqa, **pope}.items()}
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, t in truth.items()))
     assert score("vqav2", answers, tmp_path / "vqa.jsonl")["score"] == pytest.approx(100)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llavakit.engine.block_manager import BlockManager
-from llavakit.engine.sequence import ImageSpan, Sequence
+from llavakit.engine.sequence import MediaSpan, Sequence
 from llavakit.sampling import SamplingParams
 
 ENGINE = Path(__file__).parents[2] / "llavakit" / "engine"
@@ -40,16 +40,16 @@ def test_sequence_tokens_and_outputs():
     assert s.token_ids == [5, 6, 7, 9, 10] and not s.is_finished
 
 
-def test_images_in_gives_offsets_into_each_span():
-    s = seq(0, range(20), [ImageSpan(2, 5, "a"), ImageSpan(10, 6, "b")])
-    assert s.images_in(0, 2) == []
-    assert [(sp.content_hash, a, b) for sp, a, b in s.images_in(4, 12)] == [("a", 2, 5), ("b", 0, 2)]
-    assert [(sp.content_hash, a, b) for sp, a, b in s.images_in(12, 20)] == [("b", 2, 6)]
+def test_media_in_gives_offsets_into_each_span():
+    s = seq(0, range(20), [MediaSpan(2, 5, "a"), MediaSpan(10, 6, "b")])
+    assert s.media_in(0, 2) == []
+    assert [(sp.content_hash, a, b) for sp, a, b in s.media_in(4, 12)] == [("a", 2, 5), ("b", 0, 2)]
+    assert [(sp.content_hash, a, b) for sp, a, b in s.media_in(12, 20)] == [("b", 2, 6)]
 
 
 def test_image_span_outside_prompt_is_rejected():
     with pytest.raises(ValueError, match=r"\[3, 7\).*5-token"):
-        seq(0, range(5), [ImageSpan(3, 4, "a")])
+        seq(0, range(5), [MediaSpan(3, 4, "a")])
 
 
 def test_block_hashes_chain_and_cover_full_blocks_only():
@@ -68,9 +68,9 @@ def test_block_hashes_chain_and_cover_full_blocks_only():
 
 def test_block_hashes_include_image_content():
     ids = [1, 2] + [0] * 6 + [3, 4]
-    same1 = seq(0, ids, [ImageSpan(2, 6, "img-a")]).block_hashes(4)
-    same2 = seq(1, ids, [ImageSpan(2, 6, "img-a")]).block_hashes(4)
-    other = seq(2, ids, [ImageSpan(2, 6, "img-b")]).block_hashes(4)
+    same1 = seq(0, ids, [MediaSpan(2, 6, "img-a")]).block_hashes(4)
+    same2 = seq(1, ids, [MediaSpan(2, 6, "img-a")]).block_hashes(4)
+    other = seq(2, ids, [MediaSpan(2, 6, "img-b")]).block_hashes(4)
     plain = seq(3, ids).block_hashes(4)
     assert same1 == same2
     assert not set(other) & set(same1) and not set(plain) & set(same1)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from checkpoints import PINPOINTS, build_hf_model, processor_config, text_config_dict, write_hf_checkpoint
 from conftest import noise_image
-from engine_runs import run
+from engine_runs import engine_for, run
 from parity import hf_processor
 
 import llavakit
 from llavakit.config import EngineConfig
 from llavakit.engine.async_engine import AsyncLLMEngine
-from llavakit.engine.llm_engine import LLM, LLMEngine
+from llavakit.llm import LLM
 from llavakit.sampling import SamplingParams
 
 
@@ -57,8 +57,8 @@ GREEDY = [SamplingParams(max_tokens=n) for n in (12, 5, 20, 9, 15, 7)]
 ], ids=["roomy", "chunked", "preempting", "plain"])
 def test_mixed_batch_equals_the_plain_loop(tiny, cfg):
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, cfg)
-    outs = run(engine, requests(), GREEDY)
+    engine = engine_for(pipe, cfg)
+    outs = run(engine, pipe, requests(), GREEDY)
     for req, p, out in zip(requests(), GREEDY, outs):
         ref = reference(pipe, req, max_new_tokens=p.max_tokens)
         assert out.token_ids == ref.token_ids and out.text == ref.text
@@ -73,10 +73,10 @@ def test_mixed_batch_equals_the_plain_loop(tiny, cfg):
 def test_static_decode_buffers_equal_the_plain_loop(tiny, cfg):
     """The CUDA-graph step (padded buckets, trash-block padding rows, static buffers) run eagerly on the CPU."""
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, cfg)
+    engine = engine_for(pipe, cfg)
     engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
     assert engine.runner.graphs.buckets == [1, 2, 4, 5]
-    outs = run(engine, requests(), GREEDY)
+    outs = run(engine, pipe, requests(), GREEDY)
     for req, p, out in zip(requests(), GREEDY, outs):
         assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
     assert engine.runner.graphs.steps >= 10  # the pure-decode steps went through the buffers
@@ -86,18 +86,18 @@ def test_static_decode_buffers_equal_the_plain_loop(tiny, cfg):
 def test_triton_backend_in_the_engine_interpreted(tiny, interpreted_triton):
     """The engine on the Triton kernel (CPU interpreter) through the static decode buffers."""
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, max_num_seqs=5, attention_backend="triton"))
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256, max_num_seqs=5, attention_backend="triton"))
     engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
-    outs = run(engine, requests(), GREEDY)
+    outs = run(engine, pipe, requests(), GREEDY)
     for req, p, out in zip(requests(), GREEDY, outs):
         assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
 
 
 def test_equals_transformers(tiny):
     hf, d, pipe = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256))
     reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS[:3], IMAGES[:3])]
-    outs = run(engine, reqs, SamplingParams(max_tokens=20, ignore_eos=True))
+    outs = run(engine, pipe, reqs, SamplingParams(max_tokens=20, ignore_eos=True))
     proc = hf_processor("llava_next", d)
     for req, out in zip(reqs, outs):
         inputs = proc(images=req["images"], text=pipe.processor.render_prompt(req["prompt"], 1), return_tensors="pt")
@@ -108,13 +108,13 @@ def test_equals_transformers(tiny):
 
 def test_prefix_cache_reuses_blocks_and_skips_the_tower(tiny):
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, block_size=8))
-    first = run(engine, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256, block_size=8))
+    first = run(engine, pipe, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
     encoded = engine.runner.images_encoded
-    again = run(engine, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
+    again = run(engine, pipe, [{"prompt": PROMPTS[0], "images": [IMAGES[0]]}], SamplingParams(max_tokens=6))[0]
     assert again.token_ids == first.token_ids and again.num_cached_tokens > 0
     assert engine.runner.images_encoded == encoded  # the repeated image was not encoded again
-    other = run(engine, [{"prompt": PROMPTS[0], "images": [noise_image(100, 30, seed=99)]}],
+    other = run(engine, pipe, [{"prompt": PROMPTS[0], "images": [noise_image(100, 30, seed=99)]}],
                 SamplingParams(max_tokens=6))[0]
     ref = pipe.generate(PROMPTS[0], images=[noise_image(100, 30, seed=99)], max_new_tokens=6)
     assert other.token_ids == ref.token_ids  # same placeholder ids, other image: no collision
@@ -122,29 +122,29 @@ def test_prefix_cache_reuses_blocks_and_skips_the_tower(tiny):
 
 def test_a_repeated_image_in_one_batch_is_encoded_once(tiny):
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, enable_prefix_caching=False))
-    run(engine, [{"prompt": p, "images": [IMAGES[1]]} for p in PROMPTS], SamplingParams(max_tokens=3))
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256, enable_prefix_caching=False))
+    run(engine, pipe, [{"prompt": p, "images": [IMAGES[1]]} for p in PROMPTS], SamplingParams(max_tokens=3))
     assert engine.runner.images_encoded == 1
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     _, _, pipe = tiny
     seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
-    alone = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), [requests()[0]], seeded)[0]
-    mixed = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), requests(),
+    alone = run(engine_for(pipe, EngineConfig(num_kv_blocks=256)), pipe, [requests()[0]], seeded)[0]
+    mixed = run(engine_for(pipe, EngineConfig(num_kv_blocks=256)), pipe, requests(),
                 [seeded] + [SamplingParams(max_tokens=8, temperature=0.8, seed=i) for i in range(5)])[0]
     assert alone.token_ids == mixed.token_ids
 
 
 def test_n_completions_stop_strings_and_logprobs(tiny):
     _, _, pipe = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))
-    out = run(engine, [requests()[0]], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1, logprobs=2))[0]
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256))
+    out = run(engine, pipe, [requests()[0]], SamplingParams(max_tokens=8, temperature=1.0, n=3, seed=1, logprobs=2))[0]
     assert len(out.outputs) == 3 and len({tuple(o.token_ids) for o in out.outputs}) > 1
     assert all(len(o.logprobs) == len(o.token_ids) for o in out.outputs)
     full = reference(pipe, requests()[0], max_new_tokens=12)
     needle = full.text[len(full.text) // 2:][:3]
-    stopped = run(LLMEngine(pipe, EngineConfig(num_kv_blocks=256)), [requests()[0]],
+    stopped = run(engine_for(pipe, EngineConfig(num_kv_blocks=256)), pipe, [requests()[0]],
                   SamplingParams(max_tokens=12, stop=[needle]))[0]
     assert stopped.outputs[0].finish_reason == "stop" and stopped.text == full.text[:full.text.index(needle)]
 
@@ -156,15 +156,35 @@ def test_llm_api(tiny):
     assert [o.text for o in outs] == [reference(pipe, r, max_new_tokens=6).text for r in requests()[:3]]
 
 
+def test_llm_settings_are_checked_against_the_engine_config_and_load(tiny):
+    _, d, _ = tiny
+    with pytest.raises(TypeError, match="unknown keyword.*max_num_seq\\b.*engine settings are .*max_num_seqs"):
+        LLM(str(d), dtype="float32", device="cpu", max_num_seq=4)  # a typo is an error, not ignored
+    llm = LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=64, max_num_seqs=3, enable_prefix_caching=False,
+              enforce_eager=True, conv_mode="vicuna_v1")
+    cfg = llm.engine.cfg
+    assert (cfg.num_kv_blocks, cfg.max_num_seqs, cfg.enable_prefix_caching, cfg.cuda_graphs) == (64, 3, False, False)
+    assert llm.processor.template.name == "vicuna_v1"
+
+
+def test_llm_refuses_a_request_dict_it_cannot_read(tiny):
+    _, _, pipe = tiny
+    with pytest.raises(ValueError, match="exactly one of prompt, messages, prompt_token_ids"):
+        pipe.processor.request_inputs({"prompt": "hi", "messages": []})
+    with pytest.raises(ValueError, match="got image, prompt"):
+        pipe.processor.request_inputs({"prompt": "hi", "image": IMAGES[0]})  # "images" is the key
+
+
 def test_async_engine_streams_and_aborts(tiny):
     _, _, pipe = tiny
-    engine = AsyncLLMEngine(LLMEngine(pipe, EngineConfig(num_kv_blocks=64)))
+    engine = AsyncLLMEngine(engine_for(pipe, EngineConfig(num_kv_blocks=64)))
 
     async def main():
         pieces = []
-        async for out in engine.generate(requests()[0], SamplingParams(max_tokens=10), "a"):
+        first, second = (pipe.processor.request_inputs(r) for r in requests()[:2])
+        async for out in engine.generate(first, SamplingParams(max_tokens=10), "a"):
             pieces.append(out.text)
-        stream = engine.generate(requests()[1], SamplingParams(max_tokens=200, ignore_eos=True), "b")
+        stream = engine.generate(second, SamplingParams(max_tokens=200, ignore_eos=True), "b")
         async for out in stream:
             if len(out.token_ids) >= 2:
                 break

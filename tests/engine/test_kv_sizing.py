@@ -12,7 +12,8 @@ from conftest import noise_image
 
 from llavakit.config import EngineConfig
 from llavakit.engine import model_runner
-from llavakit.engine.llm_engine import LLM, LLMEngine
+from llavakit.engine.llm_engine import LLMEngine
+from llavakit.llm import LLM
 from llavakit.engine.model_runner import kv_block_bytes, num_kv_blocks
 from llavakit.sampling import SamplingParams
 
@@ -29,7 +30,7 @@ def kv_shapes(engine: LLMEngine) -> set[tuple[int, ...]]:
 def test_cpu_cache_holds_exactly_max_num_seqs_full_sequences_and_runs_them(ckpt):
     llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=100, max_num_seqs=3, block_size=16)
     engine = llm.engine
-    t = engine.pipe.config.text
+    t = llm.pipe.config.text
     needed = -(-100 // 16) * 3  # ceil(max_model_len / block_size) blocks for each of max_num_seqs sequences
     assert engine.block_manager.num_blocks == needed == 21
     # one spare block past the block manager's range (the padding rows' trash block), keys and values per layer
@@ -51,14 +52,14 @@ def test_cpu_default_is_the_model_context_for_max_num_seqs(ckpt):
     assert engine.max_model_len == 512
     assert engine.block_manager.num_blocks == 512 // 16 * 4
     # the scheduler never runs more sequences than max_num_batched_tokens, so no blocks for more
-    small = LLMEngine(engine.pipe, EngineConfig(max_num_seqs=8, max_num_batched_tokens=2, max_model_len=33,
+    small = LLMEngine(llm.pipe.model, llm.pipe.tokenizer, EngineConfig(max_num_seqs=8, max_num_batched_tokens=2, max_model_len=33,
                                                block_size=8))
     assert small.block_manager.num_blocks == 5 * 2
 
 
 def test_cpu_cache_is_capped_and_explicit_sizes_win(ckpt, monkeypatch):
     llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=64, max_num_seqs=2)
-    model, per_block = llm.engine.pipe.model, kv_block_bytes(llm.engine.pipe.model, 16)
+    model, per_block = llm.pipe.model, kv_block_bytes(llm.pipe.model, 16)
     monkeypatch.setattr(model_runner, "HOST_KV_CACHE_LIMIT", 5 * per_block + 7)
     assert num_kv_blocks(model, EngineConfig(max_num_seqs=64), 64) == 5  # capped by the budget
     with pytest.raises(ValueError, match="less than max_model_len"):
@@ -69,7 +70,7 @@ def test_cpu_cache_is_capped_and_explicit_sizes_win(ckpt, monkeypatch):
 
 def test_cuda_sizing_still_follows_gpu_memory_utilization(ckpt, monkeypatch):
     llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=64, max_num_seqs=2)
-    cfg = llm.engine.pipe.model.cfg
+    cfg = llm.pipe.model.cfg
     weight = SimpleNamespace(device=torch.device("cuda"), element_size=lambda: 2)
     fake = SimpleNamespace(cfg=cfg, lm_head=SimpleNamespace(weight=weight))
     per_block = kv_block_bytes(fake, 16)

@@ -14,7 +14,7 @@ import pytest
 from llavakit.config import EngineConfig
 from llavakit.engine.block_manager import BlockManager
 from llavakit.engine.scheduler import Scheduler
-from llavakit.engine.sequence import ImageSpan, Sequence, SequenceStatus
+from llavakit.engine.sequence import MediaSpan, Sequence, SequenceStatus
 from llavakit.sampling import SamplingParams
 
 BS = 4
@@ -45,7 +45,7 @@ class FakeRunner:
         for item in batch.items:
             seq, end = item.seq, item.start + item.num_tokens
             image_at = {span.start + k: (span.content_hash, k)
-                        for span, a, b in seq.images_in(item.start, end) for k in range(a, b)}
+                        for span, a, b in seq.media_in(item.start, end) for k in range(a, b)}
             for pos in range(item.start, end):
                 assert self.bm.ref_counts[seq.block_table[pos // BS]] == 1, "write into a shared block"
                 self.kv[self.slot(seq, pos)] = (seq.token_ids[pos], image_at.get(pos))
@@ -96,8 +96,8 @@ def run(sched, arrivals, max_steps=1000):
 def workload():
     image = [101, 102] + [IMG] * 12 + [103, 104, 105]
     return {0: [make(0, range(110, 120), 12), make(1, [111, 112, 113], 20),
-                make(2, image, 8, [ImageSpan(2, 12, "cat")]), make(5, range(130, 170), 15)],
-            2: [make(3, image, 10, [ImageSpan(2, 12, "cat")]), make(4, image, 6, [ImageSpan(2, 12, "dog")])],
+                make(2, image, 8, [MediaSpan(2, 12, "cat")]), make(5, range(130, 170), 15)],
+            2: [make(3, image, 10, [MediaSpan(2, 12, "cat")]), make(4, image, 6, [MediaSpan(2, 12, "dog")])],
             5: [make(6, [150], 5), make(7, list(range(110, 120)) + [9] * 6, 9)]}
 
 
@@ -179,13 +179,13 @@ def test_preemption_recomputes_prompt_and_generated_tokens():
 def test_prefix_cache_reuses_blocks_only_for_the_same_image():
     sched = make_scheduler()
     ids = [101, 102] + [IMG] * 12 + [103, 104, 105]
-    a = make(0, ids, 4, [ImageSpan(2, 12, "cat")], eos=())
+    a = make(0, ids, 4, [MediaSpan(2, 12, "cat")], eos=())
     run(sched, [a])
-    same, other = make(1, ids, 4, [ImageSpan(2, 12, "cat")]), make(2, ids, 4, [ImageSpan(2, 12, "dog")])
-    follow_up = make(3, a.token_ids + [106, 107], 4, [ImageSpan(2, 12, "cat")])
+    same, other = make(1, ids, 4, [MediaSpan(2, 12, "cat")]), make(2, ids, 4, [MediaSpan(2, 12, "dog")])
+    follow_up = make(3, a.token_ids + [106, 107], 4, [MediaSpan(2, 12, "cat")])
     for seq in (same, other, follow_up):
         run(sched, [seq])
-        fresh = make(seq.seq_id, ids if seq is not follow_up else a.token_ids + [106, 107], 4, seq.images)
+        fresh = make(seq.seq_id, ids if seq is not follow_up else a.token_ids + [106, 107], 4, seq.media)
         assert seq.token_ids == run(make_scheduler(prefix=False), [fresh])[1][0].token_ids
     assert same.num_cached_tokens == 16  # the 4 full prompt blocks
     assert other.num_cached_tokens == 0  # every block holds part of the image
@@ -195,8 +195,8 @@ def test_prefix_cache_reuses_blocks_only_for_the_same_image():
 def test_text_before_an_image_is_shared_across_images():
     sched = make_scheduler()
     ids = [101, 102, 103, 104, 105] + [IMG] * 6
-    run(sched, [make(0, ids, 2, [ImageSpan(5, 6, "cat")])])
-    dog = make(1, ids, 2, [ImageSpan(5, 6, "dog")])
+    run(sched, [make(0, ids, 2, [MediaSpan(5, 6, "cat")])])
+    dog = make(1, ids, 2, [MediaSpan(5, 6, "dog")])
     run(sched, [dog])
     assert dog.num_cached_tokens == BS
 

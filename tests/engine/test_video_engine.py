@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 from conftest import noise_image
-from engine_runs import run
+from engine_runs import engine_for, run
 from videos import next_video_checkpoint, noise_frames, write_video
 
 import llavakit
 from llavakit.config import EngineConfig
-from llavakit.engine.llm_engine import LLM, LLMEngine
+from llavakit.llm import LLM
 from llavakit.sampling import SamplingParams
 
 FRAMES = 4  # 4 frames x 4 tokens: 16 video tokens per video
@@ -52,8 +52,8 @@ GREEDY = [SamplingParams(max_tokens=n) for n in (12, 5, 10, 7, 9)]
 ], ids=["roomy", "chunked", "preempting"])
 def test_video_requests_equal_the_plain_loop(tiny, cfg):
     _, pipe, videos = tiny
-    engine = LLMEngine(pipe, cfg)
-    outs = run(engine, requests(videos), GREEDY)
+    engine = engine_for(pipe, cfg)
+    outs = run(engine, pipe, requests(videos), GREEDY)
     for req, p, out in zip(requests(videos), GREEDY, outs):
         ref = reference(pipe, req, max_new_tokens=p.max_tokens)
         assert out.prompt_token_ids == ref.prompt_token_ids
@@ -64,14 +64,14 @@ def test_video_requests_equal_the_plain_loop(tiny, cfg):
 
 def test_a_repeated_video_is_encoded_once(tiny):
     _, pipe, videos = tiny
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256, block_size=8))
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256, block_size=8))
     same = [{"prompt": p, "videos": [videos[2]]} for p in ("What is it?", "Colour?", "How long is it?")]
-    first = run(engine, same, SamplingParams(max_tokens=4))
+    first = run(engine, pipe, same, SamplingParams(max_tokens=4))
     assert (engine.runner.videos_encoded, engine.runner.images_encoded) == (1, 0)
-    again = run(engine, same[:1], SamplingParams(max_tokens=4))[0]
+    again = run(engine, pipe, same[:1], SamplingParams(max_tokens=4))[0]
     assert engine.runner.videos_encoded == 1 and again.num_cached_tokens > 0
     assert again.token_ids == first[0].token_ids
-    other = run(engine, [{"prompt": "What is it?", "videos": [videos[1]]}], SamplingParams(max_tokens=6))[0]
+    other = run(engine, pipe, [{"prompt": "What is it?", "videos": [videos[1]]}], SamplingParams(max_tokens=6))[0]
     assert engine.runner.videos_encoded == 2  # same placeholder ids, other frames: no cache collision
     assert other.token_ids == pipe.generate("What is it?", videos=[videos[1]], max_new_tokens=6).token_ids
 
@@ -80,13 +80,13 @@ def test_expanded_prompt_token_ids_with_a_video_and_an_image(tiny):
     _, pipe, videos = tiny
     image = noise_image(50, 20, seed=8)
     ids = pipe.tokenize("Is <image> in <video>?", images=[image], videos=[videos[0]])
-    engine = LLMEngine(pipe, EngineConfig(num_kv_blocks=256))
-    out = run(engine, [{"prompt_token_ids": ids, "images": [image], "videos": [videos[0]]}],
+    engine = engine_for(pipe, EngineConfig(num_kv_blocks=256))
+    out = run(engine, pipe, [{"prompt_token_ids": ids, "images": [image], "videos": [videos[0]]}],
               SamplingParams(max_tokens=8))[0]
     assert out.token_ids == pipe.generate("Is <image> in <video>?", images=[image], videos=[videos[0]],
                                           max_new_tokens=8).token_ids
     with pytest.raises(ValueError, match="prompt_token_ids lack the 16 placeholders of video 1"):
-        engine.add_request("bad", {"prompt_token_ids": ids[:20], "videos": [videos[0]]})
+        pipe.processor.token_inputs(ids[:20], videos=[videos[0]])
 
 
 def test_llm_api_takes_videos_and_the_frame_count(tiny):

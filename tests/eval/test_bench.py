@@ -15,7 +15,7 @@ from llavakit.eval import bench
 
 
 class CountingEngine:
-    """Stands in for LLMEngine: each step finishes everything queued; it counts the batches it ran and the
+    """Stands in for BenchEngine: each step finishes everything queued; it counts the batches it ran and the
     images it would encode (new content only, as the engine's vision cache does)."""
 
     def __init__(self):
@@ -25,7 +25,7 @@ class CountingEngine:
         self._queued: list = []
         self._seen: set[str] = set()
 
-    def add_request(self, request_id, request, params):
+    def submit(self, request_id, request, params):
         self._queued.append((request_id, request, params))
 
     def has_unfinished(self):

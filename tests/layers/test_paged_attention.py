@@ -11,17 +11,8 @@ import math
 import pytest
 import torch
 
-from llavakit.layers.attention import (
-    Attention,
-    AttentionMetadata,
-    PagedAttentionMetadata,
-)
-from llavakit.layers.paged_attention import (
-    decode_batched,
-    paged_attention,
-    varlen_loop,
-    write_kv,
-)
+from llavakit.layers.attention import Attention, AttentionMetadata, PagedAttentionMetadata, paged_attention
+from llavakit.layers.paged_attention import decode_batched, varlen_loop, write_kv
 
 H, HKV, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 80
 

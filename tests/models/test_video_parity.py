@@ -68,8 +68,9 @@ def reference_inputs(d, text: str, video, num_frames: int, images=()) -> dict:
 def our_last_logits(pipe, inputs) -> torch.Tensor:
     model, ids = pipe.model, inputs.ids
     with torch.inference_mode():
-        feats = llavakit.generation.encode_media(model, inputs.media, torch.device("cpu"))
-        return model.compute_logits(model(model.embed_inputs(torch.tensor([ids]), feats), torch.arange(len(ids))[None])[0, -1])
+        feats = model.encode_media([m.pixel_values for m in inputs.media], [m.size for m in inputs.media])
+        hidden = model(model.embed_inputs(torch.tensor([ids]), feats), torch.arange(len(ids))[None])
+        return model.compute_logits(hidden[0, -1])
 
 
 def assert_video_parity(pipe, hf, d, video, prompt=PROMPT, images=(), num_frames=6):

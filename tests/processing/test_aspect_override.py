@@ -26,7 +26,7 @@ import llavakit
 from llavakit.cli import build_parser, main
 from llavakit.cli import common
 from llavakit.config import ConfigError, image_mode, with_image_aspect_ratio
-from llavakit.engine.llm_engine import LLM
+from llavakit.llm import LLM
 from llavakit.presets import preset_config
 from llavakit.sampling import SamplingParams
 
@@ -103,11 +103,11 @@ def test_pad_greedy_tokens_equal_transformers_on_expand2square_pixels(llava15, s
 def test_llm_takes_image_aspect_ratio(llava15):
     _, d, pad, default = llava15
     llm = LLM(str(d), dtype="float32", device="cpu", num_kv_blocks=64, image_aspect_ratio="pad")
-    assert llm.engine.pipe.config.image.mode == "pad"
+    assert llm.pipe.config.image.mode == "pad"
     img = noise_image(*WIDE, seed=9)
     out = llm.generate([{"prompt": PROMPT, "images": [img]}], SamplingParams(max_tokens=12), use_tqdm=False)[0]
     assert out.token_ids == pad.generate(PROMPT, images=[img], max_new_tokens=12).token_ids
-    engine_pixels = llm.engine.pipe.processor.prepare_images([img])[0].pixel_values
+    engine_pixels = llm.pipe.processor.prepare_images([img])[0].pixel_values
     assert torch.equal(engine_pixels, pad.processor.prepare_images([img])[0].pixel_values)
     assert not torch.equal(engine_pixels, default.processor.prepare_images([img])[0].pixel_values)
 

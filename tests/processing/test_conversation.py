@@ -9,7 +9,7 @@ import pytest
 from llavakit.assets import LLAMA_TOKENIZER_DIR
 from llavakit.processing.conversation import (TEMPLATES, add_image_tags, get_template, render,
                                               render_segments)
-from llavakit.processing.tokens import tokenize_with_images
+from llavakit.processing.tokens import split_on_tags, tokenize_texts
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
               "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -66,6 +66,12 @@ EXPECTED = {
         [" A cat.###", " Black.###"],
     ),
 }
+
+
+def tokenize_with_images(tokenizer, prompt: str, placeholder_id: int = -200) -> list[int]:
+    """The original LLaVA's tokenizer_image_token by our chunk rule: one placeholder id per "<image>"."""
+    chunks = tokenize_texts(tokenizer, split_on_tags(prompt, ["<image>"])[0])
+    return [i for n, chunk in enumerate(chunks) for i in ([placeholder_id] if n else []) + chunk]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -141,7 +141,7 @@ def test_a_data_url_video_equals_the_offline_engine(client, video_offline, clips
     question = "What happens in the clip?"
     ref = reference(video_offline, {"messages": [{"role": "user", "content": question}],
                                     "videos": [str(clips["ok_path"])]})
-    video_id = video_offline.engine.pipe.config.video_token_id
+    video_id = video_offline.pipe.config.video_token_id
     assert ref.prompt_token_ids.count(video_id) == FRAMES * TOKENS_PER_FRAME
     messages = [{"role": "user", "content": [video_part(data_url(clips["ok"], "video/mp4")), text_part(question)]}]
     out = client.chat.completions.create(model="tiny-video", messages=messages, **GREEDY)
