@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from llavakit.engine.llm_engine import CompletionOutput, RequestOutput
 from llavakit.serve.errors import bad_request
-from llavakit.serve.prompts import chat_input, raw_text
+from llavakit.serve.prompts import chat_input, raw_text, render_chat
 from llavakit.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -94,7 +94,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         svc.check_videos(len(chat.videos), "messages")  # before any fetch
         images = svc.load_images(chat.images, "messages")
         videos = svc.load_videos(chat.videos, "messages")
-        return svc.encode(svc.encoder.render_chat(chat.messages), images, videos), [*images, *videos]
+        return svc.inputs(render_chat(svc.processor, chat.messages), images, videos)
 
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     run = await svc.start(request, body.n, build, body.max_completion_tokens or body.max_tokens,
@@ -151,7 +151,7 @@ def _chat_logprobs(svc: Service, out: CompletionOutput) -> ChatLogprobs | None:
 async def completions(body: CompletionRequest, request: Request):
     svc = _service(request)
     svc.check_model(body.model)
-    run = await svc.start(request, body.n, lambda: (svc.encode(raw_text(body.prompt, 0, "prompt"), []), []),
+    run = await svc.start(request, body.n, lambda: svc.inputs(raw_text(body.prompt, 0, "prompt")),
                           body.max_tokens, dict(sampling_kwargs(body), logprobs=body.logprobs))
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": svc.cfg.model_name}
     if body.stream:

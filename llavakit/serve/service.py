@@ -23,14 +23,13 @@ from llavakit.config import EngineConfig
 from llavakit.engine.async_engine import AsyncLLMEngine
 from llavakit.engine.llm_engine import LLMEngine, RequestOutput
 from llavakit.pipeline import Pipeline
-from llavakit.processing.prompt import Media, PreparedImage, PreparedVideo
+from llavakit.processing.prompt import PreparedImage, PreparedVideo, PromptInputs
 from llavakit.sampling import SamplingParams
 from llavakit.serve.config import ServeConfig
 from llavakit.serve.errors import APIError, bad_request, overloaded
 from llavakit.serve.images import ImageLimits, prepare_images
 from llavakit.serve.metrics import ServerMetrics
 from llavakit.serve.middleware import current_request
-from llavakit.serve.prompts import PromptEncoder
 from llavakit.serve.videos import VideoSettings, prepare_videos
 
 T = TypeVar("T")
@@ -82,7 +81,9 @@ class Service:
         self.llm = LLMEngine(pipe.model, pipe.tokenizer, engine_cfg)
         self.engine = AsyncLLMEngine(self.llm)
         self.processor = pipe.processor
-        self.encoder = PromptEncoder(pipe.processor)
+        # No token spans more characters than the longest vocabulary entry, so a text longer than
+        # max_seq_len * this many characters is over any token limit without tokenizing it.
+        self.max_token_chars = max(len(t) for t in pipe.tokenizer.get_vocab())
         self.image_limits = ImageLimits(cfg.fetch, cfg.max_image_pixels, cfg.max_image_aspect_ratio)
         self.video_settings = VideoSettings.of(cfg.fetch, cfg.max_video_bytes, cfg.max_video_seconds)
         self.max_seq_len = self.llm.scheduler.max_seq_len
@@ -142,14 +143,15 @@ class Service:
         self.check_videos(len(sources), param)
         return prepare_videos(sources, self.processor, self.video_settings, param)
 
-    def encode(self, text: str, images: list[PreparedImage], videos: list[PreparedVideo] = ()) -> list[int]:
-        """Prompt ids; refuses without tokenizing a text that cannot fit the context in any case (a token
-        holds at most max_token_chars characters; the factor 4 leaves room for normalizers that merge
-        characters), so a body of megabytes of text costs no tokenizer time."""
-        if len(text) > 4 * self.max_seq_len * self.encoder.max_token_chars:
+    def inputs(self, text: str, images: list[PreparedImage] = (), videos: list[PreparedVideo] = ()) -> PromptInputs:
+        """The request's PromptInputs from the text the template rendered (`prompts`), with the template's stop
+        string; refuses without tokenizing a text that cannot fit the context in any case (a token holds at most
+        max_token_chars characters; the factor 4 leaves room for normalizers that merge characters), so a body
+        of megabytes of text costs no tokenizer time."""
+        if len(text) > 4 * self.max_seq_len * self.max_token_chars:
             raise context_exceeded(f"The prompt is {len(text)} characters, more than this model's context of "
                                    f"{self.max_seq_len} tokens can hold.")
-        return self.encoder.encode(text, images, videos)
+        return self.processor.encode_prompt(text, images, videos, self.processor.template.stop_str)
 
     def sampling(self, prompt_len: int, max_tokens: int | None, **kw: Any) -> SamplingParams:
         """SamplingParams with max_tokens defaulting to the rest of the context; 400 when the prompt plus
@@ -171,32 +173,29 @@ class Service:
 
     # --- generation --------------------------------------------------------------------------------------
 
-    async def start(self, request: Request, n: int, build: Callable[[], tuple[list[int], list[Media]]],
-                    max_tokens: int | None, sampling: dict[str, Any]) -> Run:
-        """Admit a request of n sequences, build its prompt ids and media (images and videos) on a worker
-        thread, check them against the context and queue it in the engine. The Run's stream owns the
-        admission from then on."""
+    async def start(self, request: Request, n: int, build: Callable[[], PromptInputs], max_tokens: int | None,
+                    sampling: dict[str, Any]) -> Run:
+        """Admit a request of n sequences, build its PromptInputs (parsing, media fetch and decoding,
+        tokenization) on a worker thread, check them against the context and queue it in the engine. The Run's
+        stream owns the admission from then on."""
         arrived = time.monotonic()
         ticket = self.admit(n)
         try:
-            ids, media = await self.until_disconnect(request, self.run_blocking(build))
-            params = self.sampling(len(ids), max_tokens, n=n, **sampling)
-            return Run(self.generate(ids, media, params, ticket, arrived), ids, params, ticket)
+            inputs = await self.until_disconnect(request, self.run_blocking(build))
+            params = self.sampling(len(inputs.ids), max_tokens, n=n, **sampling)
+            return Run(self.generate(inputs, params, ticket, arrived), inputs.ids, params, ticket)
         except BaseException:
             ticket.release()
             raise
 
-    async def generate(self, ids: list[int], media: list[Media], params: SamplingParams, ticket: Ticket,
+    async def generate(self, inputs: PromptInputs, params: SamplingParams, ticket: Ticket,
                        arrived: float) -> AsyncIterator[RequestOutput]:
         """Engine snapshots of one request; the ticket is released and the request aborted (if unfinished)
         when this generator ends in any way. The engine refuses a request with ValueError (a 400 here) and
         fails a step with RuntimeError (a 500 that says nothing of the cause)."""
         request_id = f"req-{uuid.uuid4().hex}"
-        images = [m for m in media if isinstance(m, PreparedImage)]  # each kind in prompt order; the engine
-        videos = [m for m in media if isinstance(m, PreparedVideo)]  # finds their runs in the ids
-        inputs = self.processor.token_inputs(ids, images, videos)
-        inputs.stop = self.processor.template.stop_str
         stream = self.engine.generate(inputs, params, request_id)
+        ids = inputs.ids
         self.metrics.prompt_tokens.inc(len(ids))
         record = current_request.get()  # the request log line's counts
         if record is not None:

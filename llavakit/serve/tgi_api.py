@@ -63,7 +63,7 @@ async def _tgi(body: TGIRequest, request: Request, stream: bool):
     def build():
         text, urls = markdown_images(body.inputs, "inputs")
         images = svc.load_images(urls, "inputs")
-        return svc.encode(text, images), images
+        return svc.inputs(text, images)
 
     p = body.parameters
     sample = p.do_sample or any(v is not None for v in (p.temperature, p.top_p, p.top_k))

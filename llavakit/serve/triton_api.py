@@ -24,7 +24,7 @@ async def generate(model: str, body: TritonRequest, request: Request) -> TritonR
     def build():
         text = raw_text(body.text_input, len(urls), "text_input")
         images = svc.load_images(urls, "image")
-        return svc.encode(text, images), images
+        return svc.inputs(text, images)
 
     p = body.parameters
     sampling = {"temperature": 1.0 if p.temperature is None else p.temperature, "top_p": p.top_p,

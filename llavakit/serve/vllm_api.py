@@ -27,7 +27,7 @@ async def generate(body: VLLMRequest, request: Request) -> VLLMResponse | Stream
     def build():
         text = raw_text(body.prompt, len(urls), "prompt")
         images = svc.load_images(urls, "multi_modal_data.image")
-        return svc.encode(text, images), images
+        return svc.inputs(text, images)
 
     run = await svc.start(request, body.n, build, body.max_tokens, sampling_kwargs(body))
     if body.stream:

@@ -78,7 +78,7 @@ def resolve_image_token_id(cfg: LlavaConfig, image_token_id: int | None) -> int:
 
 
 def hf_config_dict(cfg: LlavaConfig, image_token_id: int | None = None, dtype: torch.dtype | None = None) -> dict:
-    """config.json in the llava-hf format, read alike by transformers 4/5 and `LlavaConfig.from_pretrained`.
+    """config.json in the llava-hf format, read alike by transformers 4/5 and `read_checkpoint_config`.
 
     image_token_id: see `resolve_image_token_id` (required for original-layout configs). dtype: recorded
     as "dtype" (transformers 5) and "torch_dtype" (transformers 4). Raises ValueError when the format

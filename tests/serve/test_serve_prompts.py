@@ -7,19 +7,15 @@ import pytest
 from conftest import noise_image
 
 from llavakit.serve.errors import APIError
-from llavakit.serve.prompts import (
-    PromptEncoder,
-    chat_input,
-    markdown_images,
-    protect,
-    raw_text,
-)
+from llavakit.serve.prompts import chat_input, markdown_images, protect, raw_text, render_chat
 from llavakit.serve.protocol import ChatMessage
 
 
 @pytest.fixture(scope="module")
 def encoder(pipe):
-    return PromptEncoder(pipe.processor)
+    """Rendered text (with the server's tags) -> ids, as the server's Service.inputs makes them."""
+    proc = pipe.processor
+    return lambda text, images=(), videos=(): proc.encode_prompt(text, images, videos).ids
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +41,22 @@ def test_ids_equal_the_offline_processor(pipe, encoder, images, messages, num_im
                           if i == first_user else m["content"]) for i, m in enumerate(messages)]
     chat = chat_input(client)
     assert len(chat.images) == num_images
-    assert encoder.encode(encoder.render_chat(chat.messages), prepared) == expected
+    assert encoder(render_chat(pipe.processor, chat.messages), prepared) == expected
 
 
 def test_typed_image_tags_stay_text(pipe, encoder, images):
     image_id = pipe.config.image_token_id
     chat = chat_input([ChatMessage(role="user", content="Explain <image> and<image>.")])
-    ids = encoder.encode(encoder.render_chat(chat.messages), [])
+    ids = encoder(render_chat(pipe.processor, chat.messages), [])
     assert image_id not in ids
     assert "Explain <image> and<image>" in pipe.tokenizer.decode(ids)  # (the tokenizer may space what follows)
     with_image = chat_input([ChatMessage(role="user", content=[{"type": "image_url", "image_url": {"url": "x"}},
                                                                {"type": "text", "text": "What is <image>?"}])])
-    ids = encoder.encode(encoder.render_chat(with_image.messages), images[:1])
+    ids = encoder(render_chat(pipe.processor, with_image.messages), images[:1])
     assert ids.count(image_id) == images[0].num_tokens
     start = ids.index(image_id)
     assert ids[start:start + images[0].num_tokens] == [image_id] * images[0].num_tokens
-    raw = encoder.encode(raw_text("<image>", 0, "prompt"), [])
+    raw = encoder(raw_text("<image>", 0, "prompt"), [])
     assert image_id not in raw and pipe.tokenizer.decode(raw, skip_special_tokens=True) == "<image>"
 
 

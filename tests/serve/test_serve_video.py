@@ -20,7 +20,7 @@ from llavakit.config import EngineConfig
 from llavakit.processing.prompt import IMAGE_TAG, VIDEO_TAG
 from llavakit.sampling import SamplingParams
 from llavakit.serve.config import server_fetch_policy
-from llavakit.serve.prompts import chat_input
+from llavakit.serve.prompts import chat_input, render_chat
 from llavakit.serve.protocol import ChatMessage
 
 from .harness import (
@@ -153,10 +153,14 @@ def test_a_data_url_video_equals_the_offline_engine(client, video_offline, clips
 
 
 def test_an_image_and_a_video_equal_the_offline_engine(client, video_offline, clips):
-    """Images go before videos in their message whatever the part order, as the offline template puts them."""
+    """Images go before videos in their message whatever the part order, as the offline template puts them; the
+    server, LLM.generate and Pipeline.chat (the plain loop) give the same answer: one request path."""
     question = "Compare the picture with the clip."
-    ref = reference(video_offline, {"messages": [{"role": "user", "content": question}],
-                                    "images": [Image.open(io.BytesIO(GOOD_PNG))], "videos": [str(clips["ok_path"])]})
+    messages = [{"role": "user", "content": question}]
+    media = {"images": [Image.open(io.BytesIO(GOOD_PNG))], "videos": [str(clips["ok_path"])]}
+    ref = reference(video_offline, {"messages": messages, **media})
+    plain = video_offline.pipe.chat(messages, **media, max_new_tokens=GREEDY["max_tokens"])
+    assert (plain.text, plain.token_ids, plain.prompt_token_ids) == (ref.text, ref.token_ids, ref.prompt_token_ids)
     content = [video_part(data_url(clips["ok"], "video/mp4")), text_part(question), image_part(data_url(GOOD_PNG))]
     out = client.chat.completions.create(model="tiny-video", messages=[{"role": "user", "content": content}],
                                          **GREEDY)
@@ -183,11 +187,11 @@ def test_a_video_from_a_host_or_the_media_directory_works(client, clip_server, c
 
 def test_typed_video_tags_stay_text(video_server, clips):
     svc = video_server.service
-    encoder, cfg = svc.encoder, svc.processor.cfg
+    cfg = svc.processor.cfg
     video = svc.load_videos([data_url(clips["ok"], "video/mp4")], "messages")
     chat = chat_input([ChatMessage(role="user", content=[video_part("x"), text_part("Is <video> or <image> here?")])])
     assert chat.videos == ["x"] and chat.images == []
-    ids = encoder.encode(encoder.render_chat(chat.messages), [], video)
+    ids = svc.inputs(render_chat(svc.processor, chat.messages), [], video).ids
     assert ids.count(cfg.video_token_id) == video[0].num_tokens == FRAMES * TOKENS_PER_FRAME
     start = ids.index(cfg.video_token_id)
     assert ids[start:start + video[0].num_tokens] == [cfg.video_token_id] * video[0].num_tokens
