@@ -100,7 +100,7 @@ def check_requests(n_images: int = 3):
 def run_all(engine: bench.BenchEngine, reqs, params) -> list[list[int]]:
     """Every request's generated token ids, in request order."""
     ids = [f"c{i}-{time.time()}" for i in range(len(reqs))]
-    for rid, r, p in zip(ids, reqs, params):
+    for rid, r, p in zip(ids, reqs, params, strict=True):
         engine.submit(rid, r, p)
     done = {}
     while engine.has_unfinished():
@@ -144,10 +144,10 @@ def correctness(args, device: torch.device) -> dict:
               "fast_equals_torch_path": fast_out == slow_out,
               "images_encoded": fast.runner.images_encoded}
     hf = hf_twin(pipe)
-    hf_out = [hf_greedy(hf, pipe, r, p.max_tokens) for r, p in zip(reqs, params)]
+    hf_out = [hf_greedy(hf, pipe, r, p.max_tokens) for r, p in zip(reqs, params, strict=True)]
     report["torch_path_equals_transformers"] = slow_out == hf_out
     report["fast_equals_transformers"] = fast_out == hf_out
-    report["mismatched_requests"] = [i for i, (a, b) in enumerate(zip(fast_out, hf_out)) if a != b]
+    report["mismatched_requests"] = [i for i, (a, b) in enumerate(zip(fast_out, hf_out, strict=True)) if a != b]
     del fast, slow, hf, pipe
     return report
 
@@ -242,8 +242,9 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     }
     hf_rows = {t["batch_size"]: t for t in theirs["padded_batches"]}
     if hf_rows:
-        report["ratios"]["per_batch_size"] = [o["throughput_tokens_per_s"] / hf_rows[o["batch_size"]]["throughput_tokens_per_s"]
-                                              for o in ours[bench.PROTOCOL_KEY] if o["batch_size"] in hf_rows]
+        report["ratios"]["per_batch_size"] = [
+            o["throughput_tokens_per_s"] / hf_rows[o["batch_size"]]["throughput_tokens_per_s"]
+            for o in ours[bench.PROTOCOL_KEY] if o["batch_size"] in hf_rows]
     save()
 
 
@@ -334,7 +335,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10")
-    p.add_argument("--hf-batch-sizes", default=None, help="transformers' padded batch sizes (default: --batch-sizes; '' none)")
+    p.add_argument("--hf-batch-sizes", default=None,
+                   help="transformers' padded batch sizes (default: --batch-sizes; '' none)")
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--hf-one-by-one", type=int, default=4)
     p.add_argument("--check-tokens", type=int, default=32)

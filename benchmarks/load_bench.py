@@ -249,7 +249,7 @@ def write_chart(path: Path, env: dict, med: dict) -> None:
               ("peak_rss_delta_mib", "anon_after_load_mib", "file_after_load_mib"))
     labels = dict(METRICS)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, keys in zip(axes, panels):
+    for ax, keys in zip(axes, panels, strict=True):
         x = range(len(keys))
         for j, tool in enumerate(TOOLS):
             ax.bar([i + (j - 0.5) * 0.38 for i in x], [med[tool][k] for k in keys], width=0.38, label=tool)

@@ -124,9 +124,9 @@ def variants(pipe, args) -> None:
         else:
             import llavakit.engine.model_runner as mr
             mr.fuse_projections = saved["fuse"]
-            for a, w in zip(attn_layers, saved["qkv"]):
+            for a, w in zip(attn_layers, saved["qkv"], strict=True):
                 a.qkv_weight = w
-            for m, w in zip(mlps, saved["gu"]):
+            for m, w in zip(mlps, saved["gu"], strict=True):
                 m.gate_up_weight = w
 
     rows = [("all on", None), ("no fused small ops", no_fused_ops), ("no context splits", no_splits),

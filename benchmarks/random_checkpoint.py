@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llavakit.assets import LLAMA_TOKENIZER_DIR as TOKENIZER_DIR
+
 IMAGE_TOKEN_ID = 32000
 VOCAB = 32064
-from llavakit.assets import LLAMA_TOKENIZER_DIR as TOKENIZER_DIR
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 MARKER = "bench_checkpoint.json"

@@ -8,8 +8,9 @@ import random
 import shutil
 from pathlib import Path
 
-WORDS = ("the image shows a small red house near green trees under a cloudy sky with two people walking "
-         "along a stone path while birds fly over the quiet river and distant hills").split()
+WORDS = ["the", "image", "shows", "a", "small", "red", "house", "near", "green", "trees", "under", "a", "cloudy",
+         "sky", "with", "two", "people", "walking", "along", "a", "stone", "path", "while", "birds", "fly", "over",
+         "the", "quiet", "river", "and", "distant", "hills"]
 QUESTIONS = ("What is in the image?", "Describe the picture in detail.", "What colors do you see?",
              "Is there anything unusual here?", "Write a short caption for this photo.")
 

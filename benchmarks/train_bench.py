@@ -93,6 +93,7 @@ def train_llavakit(job: dict) -> dict:
     """llavakit's recipe, as `llavakit train` runs it; the peak is read after the last step, before the
     final save, and the last step runs under the profiler when asked."""
     import torch
+
     from llavakit.train.config import make_config
     from llavakit.train.recipe import train
 
@@ -117,7 +118,7 @@ def train_llavakit(job: dict) -> dict:
     batches = reference_batches(job)
     steps = [dict(step=h.step, loss=h.loss, grad_norm=h.grad_norm, tokens=h.tokens, input_tokens=b["input_tokens"],
                   step_s=b["input_tokens"] / h.tokens_per_s, same_tokens=h.tokens == b["num_tokens"])
-             for h, b in zip(history, batches)]
+             for h, b in zip(history, batches, strict=True)]
     return dict(steps=steps, profile=_profile_table(prof) if prof else None, **marks)
 
 
@@ -180,8 +181,9 @@ def worker(tool: str, job: dict) -> None:
     import gc
 
     import torch
-    import llavakit.train.recipe  # noqa: F401
     import transformers.models.llava.modeling_llava  # noqa: F401
+
+    import llavakit.train.recipe  # noqa: F401
 
     torch.set_num_threads(job["threads"])
     gc.collect()
@@ -270,7 +272,8 @@ def format_table(med: dict, runs: list[dict], job: dict, spec_note: str) -> str:
     profiled = ", last step profiled, not timed" if job["profile"] else ""
     split = job.get("micro_batches_by_length", 1)
     split_note = f" (llavakit: as {split} micro-batches by length)" if split > 1 else ""
-    setup = (f"batch {job['batch_size']}{split_note}, {job['steps']} steps ({job['warmup']} warm-up not timed{profiled}), "
+    setup = (f"batch {job['batch_size']}{split_note}, {job['steps']} steps "
+             f"({job['warmup']} warm-up not timed{profiled}), "
              f"~{med['llavakit']['tokens_per_step']:.0f} input tokens/step, {_threads(job['threads'])}")
     lines = [spec_note, setup, head, "-" * len(head)]
     for key, label in METRICS:

@@ -257,7 +257,8 @@ class LlavaConfig:
         if self.model_type not in LLAVA_MODEL_TYPES:
             raise ConfigError(f"unsupported model_type {self.model_type!r}; expected one of {LLAVA_MODEL_TYPES}")
         if self.vision_feature_select not in ("default", "full"):
-            raise ConfigError(f"vision_feature_select_strategy must be default or full, got {self.vision_feature_select!r}")
+            raise ConfigError("vision_feature_select_strategy must be default or full, "
+                              f"got {self.vision_feature_select!r}")
         if not (self.projector_type == "linear" or re.fullmatch(r"mlp\d+x_gelu", self.projector_type)):
             raise ConfigError(f"mm_projector_type {self.projector_type!r} is not supported (linear, mlpNx_gelu)")
         if self.patch_merge_type not in ("flat", "spatial", "spatial_unpad"):
@@ -291,9 +292,10 @@ class LlavaConfig:
     @property
     def feature_layers(self) -> list[int]:
         """Feature layers as hidden-state indices >= 0 (0 = embeddings, k = output of layer k)."""
-        layers = self.vision_feature_layer if isinstance(self.vision_feature_layer, list) else [self.vision_feature_layer]
+        layer = self.vision_feature_layer
+        layers = layer if isinstance(layer, list) else [layer]
         n = self.vision.num_hidden_layers
-        return [l if l >= 0 else n + 1 + l for l in layers]
+        return [k if k >= 0 else n + 1 + k for k in layers]
 
     @property
     def mm_hidden_size(self) -> int:

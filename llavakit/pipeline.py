@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from llavakit.checkpoint_config import read_checkpoint_config
-
 from llavakit.config import VideoConfig, with_image_aspect_ratio
 from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration

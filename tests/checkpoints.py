@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from llavakit.assets import LLAMA_TOKENIZER_DIR
+
 IMAGE_TOKEN_ID = 32000
 VOCAB = 32064
 TILE = 28  # vision image_size: a 2 x 2 patch grid at patch size 14
@@ -126,7 +127,8 @@ def processor_config(kind: str, size: int = TILE, **over) -> dict:
 
 
 def write_original_checkpoint(model, directory: Path, tower_dir: Path | None, *, projector: str = "mlp2x_gelu",
-                              aspect: str = "pad", im_start_end: bool = False, extra_config: dict | None = None) -> Path:
+                              aspect: str = "pad", im_start_end: bool = False,
+                              extra_config: dict | None = None) -> Path:
     """Original LLaVA layout (LlavaLlamaForCausalLM + mm_* keys); the CLIP tower goes to `tower_dir`
     as an openai/clip-style checkpoint, or stays inside when tower_dir is None (LLaVA-1.6 style)."""
     directory.mkdir(parents=True, exist_ok=True)

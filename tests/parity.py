@@ -17,13 +17,15 @@ def hf_processor(kind: str, tokenizer_dir, pad: bool = True, select: str = "defa
     common = dict(tokenizer=tok, patch_size=14, vision_feature_select_strategy=select, num_additional_image_tokens=1)
     if kind == "llava":
         return LlavaProcessor(image_processor=LlavaImageProcessorPil(do_pad=pad, **SIZE), **common)
-    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=PINPOINTS, **SIZE), **common)
+    return LlavaNextProcessor(image_processor=LlavaNextImageProcessorPil(image_grid_pinpoints=PINPOINTS, **SIZE),
+                              **common)
 
 
 def our_last_logits(pipe, ids, prepared) -> torch.Tensor:
     model = pipe.model
     with torch.inference_mode():
-        feats = model.encode_images([p.pixel_values for p in prepared], [p.size for p in prepared]) if prepared else None
+        feats = (model.encode_images([p.pixel_values for p in prepared], [p.size for p in prepared])
+                 if prepared else None)
         hidden = model(model.embed_inputs(torch.tensor([ids]), feats), torch.arange(len(ids))[None])
         return model.compute_logits(hidden[0, -1])
 

@@ -220,6 +220,7 @@ def test_fewer_image_tags_than_images(pipe):
 
 @pytest.mark.parametrize("kwargs, pattern", [(dict(temperature=-1), r"temperature must be >= 0, got -1"),
                                              (dict(top_p=0), r"top_p must be in \(0, 1\], got 0"),
-                                             (dict(max_new_tokens=0), r"max_tokens \(max_new_tokens\) must be at least 1, got 0")])
+                                             (dict(max_new_tokens=0),
+                                              r"max_tokens \(max_new_tokens\) must be at least 1, got 0")])
 def test_bad_sampling_argument(pipe, kwargs, pattern):
     _raises(ValueError, pattern, pipe.generate, "hi", **kwargs)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -141,7 +141,8 @@ def test_predict_chunks_cover_the_questions(ckpt, tmp_path):
     (["generate", "--model", "no-org/no-model", "--prompt", "hi"], "hf download no-org/no-model"),
     (["generate", "--model", "{d}", "--image", "{d}/config.json", "--prompt", "hi"], "could not be decoded"),
     (["generate", "--model", "{d}", "--image", "/no/such.png", "--prompt", "hi"], "/no/such.png"),
-    (["generate", "--model", "{d}", "--image", "file:///etc/passwd", "--prompt", "hi"], "scheme .file. is not supported"),
+    (["generate", "--model", "{d}", "--image", "file:///etc/passwd", "--prompt", "hi"],
+     "scheme .file. is not supported"),
     (["generate", "--model", "{d}", "--conv-mode", "nonsense", "--prompt", "hi"], "unknown.*nonsense|nonsense.*known"),
     (["generate", "--model", "{d}", "--conv-mode", "raw", "--image", "{img}", "--prompt", "no tag"], "0 <image> tags"),
     (["predict", "--model", "{d}", "--questions", "/no/q.jsonl", "--answers", "{tmp}/a.jsonl"], "does not exist"),

@@ -8,7 +8,6 @@ import huggingface_hub.constants
 import pytest
 
 from llavakit.checkpoint_config import read_checkpoint_config
-
 from llavakit.config import ConfigError, LlavaConfig, parse_pinpoints
 from llavakit.processing.image import num_image_tokens
 

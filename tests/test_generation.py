@@ -57,8 +57,9 @@ def test_seeded_sampling_is_reproducible(tiny, image):
 def test_top_k_1_and_tiny_top_p_are_greedy(tiny, image):
     _, _, pipe = tiny
     greedy = pipe.generate(PROMPT, images=[image], max_new_tokens=10).token_ids
-    assert pipe.generate(PROMPT, images=[image], max_new_tokens=10, temperature=1.5, top_k=1, seed=0).token_ids == greedy
-    assert pipe.generate(PROMPT, images=[image], max_new_tokens=10, temperature=1.5, top_p=1e-6, seed=0).token_ids == greedy
+    sampled = dict(max_new_tokens=10, temperature=1.5, seed=0)
+    assert pipe.generate(PROMPT, images=[image], top_k=1, **sampled).token_ids == greedy
+    assert pipe.generate(PROMPT, images=[image], top_p=1e-6, **sampled).token_ids == greedy
 
 
 def test_filter_top_k_top_p_values():

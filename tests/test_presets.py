@@ -1,4 +1,5 @@
-"""`load_format="dummy"`: published sizes with random weights, and the tokenizer shipped for LLaMA-vocabulary presets."""
+"""`load_format="dummy"`: published sizes with random weights, and the tokenizer shipped for LLaMA-vocabulary
+presets."""
 
 import pytest
 
@@ -47,7 +48,8 @@ def test_a_preset_too_big_for_free_memory_is_refused_before_allocating(monkeypat
     import llavakit.weights.loader as loader
 
     monkeypatch.setattr(loader, "free_memory", lambda device: 2**30)
-    with pytest.raises(ValueError, match=r"llava-1.5-7b in float32 needs 2[0-9.]+ GiB .* 1.0 GiB free.*--dtype bfloat16"):
+    with pytest.raises(ValueError,
+                       match=r"llava-1.5-7b in float32 needs 2[0-9.]+ GiB .* 1.0 GiB free.*--dtype bfloat16"):
         llavakit.load("llava-1.5-7b", load_format="dummy", device="cpu", dtype="float32")
 
 

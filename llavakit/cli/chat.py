@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 from llavakit.cli.checks import check_images, check_videos
-from llavakit.cli.common import (add_model_flags, add_sampling_flags, error_line, load_pipeline, number,
-                                 sampling_kwargs)
+from llavakit.cli.common import add_model_flags, add_sampling_flags, error_line, load_pipeline, number, sampling_kwargs
 
 HELP = "chat about an image, several rounds, answers streamed"
 EXAMPLE = """examples:

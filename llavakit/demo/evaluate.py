@@ -68,7 +68,8 @@ class Report:
         lines = [f"{'category':<10} {'n':>5} {'accuracy':>9} {'target':>7}  ok", "-" * 38]
         for cat, target in TARGETS.items():
             acc = self.accuracy(cat)
-            lines.append(f"{cat:<10} {self.total.get(cat, 0):>5} {acc:>9.1%} {target:>7.0%}  {'yes' if acc >= target else 'NO'}")
+            verdict = "yes" if acc >= target else "NO"
+            lines.append(f"{cat:<10} {self.total.get(cat, 0):>5} {acc:>9.1%} {target:>7.0%}  {verdict}")
         return "\n".join(lines)
 
     def passed(self) -> bool:

@@ -19,7 +19,8 @@ COLORS = {"red": (220, 30, 30), "orange": (245, 140, 20), "yellow": (240, 220, 3
           "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "rectangle", "triangle", "star")
 BACKGROUNDS = [(235, 225, 200), (200, 232, 236), (246, 216, 226), (214, 240, 208), (52, 62, 78), (205, 185, 150),
-               (170, 200, 225), (255, 255, 255), (244, 244, 238), (226, 226, 226), (60, 60, 60)]  # pastel, neutral, dark
+               (170, 200, 225), (255, 255, 255), (244, 244, 238), (226, 226, 226),
+               (60, 60, 60)]  # pastel, neutral, dark
 CANVASES = [(160, 120), (120, 160), (160, 160), (192, 108), (108, 192), (144, 112), (112, 144), (150, 100), (100, 150)]
 NUMBER_WORDS = ["Zero", "One", "Two", "Three", "Four", "Five"]
 
@@ -69,7 +70,7 @@ def _background(w: int, h: int, top, bottom) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for y in range(h):
         t = y / max(h - 1, 1)
-        draw.line([(0, y), (w, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))
+        draw.line([(0, y), (w, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True)))
     return img
 
 
@@ -92,9 +93,13 @@ def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, i
         draw.polygon(points, fill=fill)
 
 
+def _luminance(c: tuple[int, int, int]) -> float:
+    return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
+
+
 def _contrast_ok(color: tuple[int, int, int], background) -> bool:
-    lum = lambda c: 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-    return all(abs(lum(color) - lum(b)) > 45 or sum(abs(x - y) for x, y in zip(color, b)) > 150 for b in background)
+    return all(abs(_luminance(color) - _luminance(b)) > 45
+               or sum(abs(x - y) for x, y in zip(color, b, strict=True)) > 150 for b in background)
 
 
 def random_scene(rng: random.Random, max_shapes: int = 4, any_canvas: bool = False) -> Scene:

@@ -49,8 +49,8 @@ MAX_SHAPES = 4
 CODE_WEIGHT = 4.0  # the factor-code regression against the heads' cross-entropies
 COVER = 0.12  # a patch belongs to a shape when the shape covers at least this fraction of it
 # Head sizes, in the order of the output columns.
-HEADS = {"color": 1 + len(COLOR_NAMES), "kind": 1 + len(SHAPES), "aspect": 3, "mask": 16, "tens": 4 * 11, "units": 4 * 10,
-         "count": MAX_SHAPES + 2, "count_kind": len(SHAPES) * (MAX_SHAPES + 2),
+HEADS = {"color": 1 + len(COLOR_NAMES), "kind": 1 + len(SHAPES), "aspect": 3, "mask": 16, "tens": 4 * 11,
+         "units": 4 * 10, "count": MAX_SHAPES + 2, "count_kind": len(SHAPES) * (MAX_SHAPES + 2),
          "present": len(COLOR_NAMES) * len(SHAPES)}
 
 
@@ -94,8 +94,9 @@ def scene_targets(scene: Scene, grid: int) -> dict[str, torch.Tensor]:
     present = np.zeros(len(COLOR_NAMES) * len(SHAPES), np.float32)
     for s in scene.shapes:
         present[COLOR_NAMES.index(s.color) * len(SHAPES) + SHAPES.index(s.kind)] = 1
-    return {"owner": torch.from_numpy(owner.astype(np.int64)), "color": torch.from_numpy(color), "mask": torch.from_numpy(mask), "kind": torch.from_numpy(kind), "aspect": torch.from_numpy(aspect), "tens": torch.from_numpy(tens),
-            "units": torch.from_numpy(units), "count": torch.tensor(len(scene.shapes)),
+    return {"owner": torch.from_numpy(owner.astype(np.int64)), "color": torch.from_numpy(color),
+            "mask": torch.from_numpy(mask), "kind": torch.from_numpy(kind), "aspect": torch.from_numpy(aspect),
+            "tens": torch.from_numpy(tens), "units": torch.from_numpy(units), "count": torch.tensor(len(scene.shapes)),
             "count_kind": torch.tensor([sum(s.kind == k for s in scene.shapes) for k in SHAPES]),
             "present": torch.from_numpy(present)}
 
@@ -129,7 +130,10 @@ class FactorCode(nn.Module):
     def __init__(self, dim: int, seed: int = 1234):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        table = lambda *shape: torch.randn(*shape, dim, generator=g)
+
+        def table(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, dim, generator=g)
+
         self.register_buffer("color", table(1 + len(COLOR_NAMES)))
         self.register_buffer("kind", table(1 + len(SHAPES)))
         self.register_buffer("tens", table(4, 11))
@@ -169,7 +173,7 @@ class SceneProbe(nn.Module):
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.projector(self.tower(pixels)[:, 1:])  # (N, P, D), CLS dropped as LLaVA does
         out = self.heads(feats)  # (N, P, sum of heads)
-        return {"features": feats, **dict(zip(HEADS, out.split(list(HEADS.values()), dim=-1)))}
+        return {"features": feats, **dict(zip(HEADS, out.split(list(HEADS.values()), dim=-1), strict=True))}
 
 
 def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], code: FactorCode) -> dict[str, torch.Tensor]:
@@ -177,8 +181,13 @@ def probe_losses(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], code:
     regression onto the factor code, as the share of the code's variance left unexplained."""
     p = out["color"].shape[1]
     wanted = code(t)
-    ce = lambda logits, target, k: F.cross_entropy(logits.reshape(-1, k), target.reshape(-1))
-    per_patch = lambda v: v[:, None].expand(-1, p, *v.shape[1:])
+
+    def ce(logits: torch.Tensor, target: torch.Tensor, k: int) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, k), target.reshape(-1))
+
+    def per_patch(v: torch.Tensor) -> torch.Tensor:
+        return v[:, None].expand(-1, p, *v.shape[1:])
+
     return {
         "color": ce(out["color"], t["color"], HEADS["color"]),
         # Kind only where there is a shape (the colour head already tells shape from background), and
@@ -221,7 +230,10 @@ class ProbeAccuracy:
 def probe_accuracy(probe: SceneProbe, pixels: torch.Tensor, t: dict[str, torch.Tensor]) -> ProbeAccuracy:
     out = probe(pixels)
     on = t["color"] > 0
-    mean = lambda x: float(x.float().mean())
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.float().mean())
+
     tens_on = t["tens"] >= 0
     target = probe.code(t)
     # Kind per shape: the patches of one shape vote (summed logits), as a reader attending to them would.
@@ -258,7 +270,9 @@ def pretrain_vision(model: LlavaForConditionalGeneration, steps: int, batch: int
     loader = torch.utils.data.DataLoader(SceneBatches(image_cfg, grid, batch, seed, max_shapes), batch_size=None,
                                          num_workers=workers, persistent_workers=workers > 0)
     probe.train()
-    bar = tqdm(zip(range(steps), loader), total=steps, desc="vision stage", unit="step", disable=None)
+    # SceneBatches never ends: range(steps) is what stops the loop, so zip must not be strict.
+    bar = tqdm(zip(range(steps), loader, strict=False), total=steps, desc="vision stage", unit="step",
+               disable=None)
     for step, (pixels, targets) in bar:
         losses = probe_losses(probe(pixels), targets, probe.code)
         loss = sum(losses.values())

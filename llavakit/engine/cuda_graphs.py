@@ -99,7 +99,7 @@ class DecodeGraphs:
             rows[2].append(item.seq.block_table[pos // bs] * bs + pos % bs)
             rows[3].append(pos + 1)
         pad = b - s
-        host = torch.tensor([r + [fill] * pad for r, fill in zip(rows, (0, 0, self.trash_block * bs, 1))])
+        host = torch.tensor([r + [fill] * pad for r, fill in zip(rows, (0, 0, self.trash_block * bs, 1), strict=True)])
         width = max(len(item.seq.block_table) for item in items)
         tables = torch.tensor([item.seq.block_table + [self.trash_block] * (width - len(item.seq.block_table))
                                for item in items], dtype=torch.int32)

@@ -154,9 +154,9 @@ class LLMEngine:
         tokens, logprobs = sample_batch(
             logits, [t.seq.params for t in tracks],
             [t.seq.token_ids for t in tracks], [t.counts for t in tracks], [t.generator for t in tracks])
-        done = {seq.seq_id: seq for seq in self.scheduler.update(batch, dict(zip(seq_ids, tokens)))}
+        done = {seq.seq_id: seq for seq in self.scheduler.update(batch, dict(zip(seq_ids, tokens, strict=True)))}
         changed = {}
-        for track, token, lp in zip(tracks, tokens, logprobs):
+        for track, token, lp in zip(tracks, tokens, logprobs, strict=True):
             self._on_token(track, token, lp)
             changed[track.seq.request_id] = self._requests[track.seq.request_id]
             if track.text.stopped and track.seq.seq_id not in done:  # a stop string ended it

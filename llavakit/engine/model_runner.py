@@ -25,7 +25,8 @@ from llavakit.processing.prompt import Media, PreparedVideo
 def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int:
     """Bytes one KV block takes over all layers (keys and values)."""
     t = model.cfg.text
-    return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * model.lm_head.weight.element_size()
+    per_token = t.num_key_value_heads * t.head_dim * model.lm_head.weight.element_size()
+    return 2 * t.num_hidden_layers * block_size * per_token
 
 
 # Without CUDA and without num_kv_blocks / kv_cache_memory, the KV cache never takes more than this.
@@ -171,7 +172,7 @@ class ModelRunner:
         videos = sum(isinstance(p, PreparedVideo) for p in todo.values())
         self.videos_encoded += videos
         self.images_encoded += len(todo) - videos
-        for key, feats in zip(todo, encoded):
+        for key, feats in zip(todo, encoded, strict=True):
             self.features[key] = feats
         while len(self.features) > max(self.cfg.vision_cache_images, len(todo)):
             self.features.popitem(last=False)

@@ -59,10 +59,7 @@ def _process_punctuation(text: str) -> str:
     out = text
     delete = _COMMA_STRIP.search(text) is not None
     for p in PUNCTUATION:
-        if delete or p + " " in text or " " + p in text:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
+        out = out.replace(p, "" if delete or p + " " in text or " " + p in text else " ")
     return _PERIOD_STRIP.sub("", out)
 
 

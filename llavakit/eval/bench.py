@@ -286,7 +286,7 @@ class Suite:
     rounds: list[dict] = field(default_factory=list)
 
     def protocol(self) -> list[dict]:
-        per_size = zip(*(r[PROTOCOL_KEY] for r in self.rounds))
+        per_size = zip(*(r[PROTOCOL_KEY] for r in self.rounds), strict=True)
         return [_median_row(list(rows)) for rows in per_size]
 
     def offline(self) -> dict:

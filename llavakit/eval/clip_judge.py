@@ -49,7 +49,8 @@ class Preprocess:
 
     def __post_init__(self):
         if self.resize_mode not in ("shortest", "squash"):
-            raise ValueError(f"open_clip resize_mode {self.resize_mode!r} is not supported; expected shortest or squash")
+            raise ValueError(f"open_clip resize_mode {self.resize_mode!r} is not supported; "
+                             "expected shortest or squash")
         if self.interpolation not in ("bicubic", "bilinear", "random"):  # open_clip evaluates "random" as bicubic
             raise ValueError(f"open_clip interpolation {self.interpolation!r} is not supported")
 

@@ -188,7 +188,8 @@ class ResidualBlock(nn.Module):
         self.attn = SelfAttention(width, heads)
         self.ls_1 = LayerScale(width) if layer_scale else nn.Identity()
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden), gelu=QuickGELU() if quick_gelu else nn.GELU(),
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, hidden),
+                                             gelu=QuickGELU() if quick_gelu else nn.GELU(),
                                              c_proj=nn.Linear(hidden, width)))
         self.ls_2 = LayerScale(width) if layer_scale else nn.Identity()
 
@@ -222,7 +223,8 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.empty(w))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, w))
         self.ln_pre = nn.Identity() if cfg.no_ln_pre else nn.LayerNorm(w)
-        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu, cfg.ls_init_value is not None)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_ratio, quick_gelu,
+                                       cfg.ls_init_value is not None)
         self.ln_post = nn.LayerNorm(w)
         self.proj = nn.Parameter(torch.empty(w, embed_dim))
 

@@ -122,7 +122,7 @@ def _embed_images(judge: ClipJudge, paths: list[Path], batch_size: int, bar, emb
             except (ValueError, OSError) as e:
                 bad[p] = str(e).splitlines()[0]
         if images:
-            embeddings.update(zip(images, judge.embed_images(list(images.values()))))
+            embeddings.update(zip(images, judge.embed_images(list(images.values())), strict=True))
         bar.update(len(chunk))
     return bad
 
@@ -141,7 +141,7 @@ def score_items(judge: ClipJudge, items: list[Item], batch_size: int = 32, progr
             text_emb, truncated = judge.embed_texts([it.text for it in chunk])
             scores = clip_score(torch.stack([image_emb[it.path] for it in chunk]), text_emb)
             rows += [{"question_id": it.question_id, "image": it.image, "text": it.text, "clip_score": float(s),
-                      "truncated": t} for it, s, t in zip(chunk, scores, truncated)]
+                      "truncated": t} for it, s, t in zip(chunk, scores, truncated, strict=True)]
             bar.update(len(chunk))
     skipped = [f"question {it.question_id}: image {it.path}: {bad[it.path]}" for it in items if it.path in bad]
     return rows, skipped

@@ -80,7 +80,7 @@ class ClipTokenizer:
         pieces = self.backend([clean_text(t) for t in texts], add_special_tokens=False)["input_ids"]
         ids = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         truncated = []
-        for row, piece in zip(ids, pieces):
+        for row, piece in zip(ids, pieces, strict=True):
             tokens = [self.start_id, *piece, self.end_id]
             truncated.append(len(tokens) > self.context_length)
             tokens = tokens[: self.context_length]

@@ -67,7 +67,8 @@ def compare_scores(a: dict[str, dict], b: dict[str, dict], resamples: int = 10_0
                "resamples": resamples, "seed": seed, "verdict": verdict(low, high),
                "only_in_a": len(a) - len(ids), "only_in_b": len(b) - len(ids)}
     pairs = [{"question_id": a[q].get("question_id", q), "image": a[q].get("image") or b[q].get("image"),
-              "score_a": float(x), "score_b": float(y), "difference": float(y - x)} for q, x, y in zip(ids, sa, sb)]
+              "score_a": float(x), "score_b": float(y), "difference": float(y - x)}
+             for q, x, y in zip(ids, sa, sb, strict=True)]
     return summary, pairs
 
 

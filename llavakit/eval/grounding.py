@@ -26,8 +26,9 @@ _RUN_RE = re.compile(_NUM + r"(?:\s*,\s*" + _NUM + r")+")
 
 def _normalise(values: Box) -> Box | None:
     """Scale rule, per box: every value <= 1 -> already 0-1; largest value <= 1000 -> 0-1000 scale
-    (Qwen-VL style), divided by 1000; anything larger, or any negative value -> not a box. Boxes with x2 <= x1 or y2 <= y1
-    are dropped, not repaired: swapping or widening them would invent a location the model never gave."""
+    (Qwen-VL style), divided by 1000; anything larger, or any negative value -> not a box. Boxes with
+    x2 <= x1 or y2 <= y1 are dropped, not repaired: swapping or widening them would invent a location the
+    model never gave."""
     top = max(values)
     if top > 1000 or min(values) < 0:
         return None

@@ -132,9 +132,9 @@ def load_pope_annotations(path: str | Path) -> dict[str, tuple[str, str]]:
 
 def pope_metrics(preds: list[str], labels: list[str]) -> dict:
     """Accuracy, precision, recall, F1 ("yes" is positive) and the share of "yes" answers, in percent."""
-    tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels))
-    fp = sum(p == "yes" and t == "no" for p, t in zip(preds, labels))
-    tn = sum(p == "no" and t == "no" for p, t in zip(preds, labels))
+    tp = sum(p == "yes" and t == "yes" for p, t in zip(preds, labels, strict=True))
+    fp = sum(p == "yes" and t == "no" for p, t in zip(preds, labels, strict=True))
+    tn = sum(p == "no" and t == "no" for p, t in zip(preds, labels, strict=True))
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / sum(t == "yes" for t in labels) if "yes" in labels else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -254,5 +254,6 @@ def format_table(result: dict) -> str:
         cols = list(dict.fromkeys(c for row in rows.values() for c in row))
         table = [[name, *cols]] + [[r, *(_fmt(rows[r].get(c, "")) for c in cols)] for r in rows]
         widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-        lines += [""] + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+        lines += [""] + ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+                         for line in table]
     return "\n".join(lines)

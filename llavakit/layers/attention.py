@@ -14,8 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llavakit.layers.paged_attention import (KVPages, PagedAttentionMetadata, flex_attention_paged, torch_attention,
-                                             write_kv)
+from llavakit.layers.paged_attention import (
+    KVPages,
+    PagedAttentionMetadata,
+    flex_attention_paged,
+    torch_attention,
+    write_kv,
+)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVPages,

@@ -58,7 +58,7 @@ class PagedAttentionMetadata:
     def __post_init__(self):
         if len(self.query_lens) != len(self.context_lens_list):
             raise ValueError(f"{len(self.query_lens)} query_lens but {len(self.context_lens_list)} context_lens")
-        if any(q > c for q, c in zip(self.query_lens, self.context_lens_list)):
+        if any(q > c for q, c in zip(self.query_lens, self.context_lens_list, strict=True)):
             raise ValueError(f"a sequence has more new tokens than context: {self.query_lens} vs "
                              f"{self.context_lens_list}")
         decode_only = all(q == 1 for q in self.query_lens)
@@ -127,7 +127,7 @@ def varlen_loop(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,
     h = q.shape[1]
     out = q.new_zeros(q.shape)
     starts = [0, *accumulate(meta.query_lens)]
-    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list)):
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
         if q_len == 0 or (skip_decodes and q_len == 1):
             continue
         k = gather_blocks(cache[0], meta.block_tables[i], ctx)[:ctx].transpose(0, 1)  # (H_kv, ctx, D)
@@ -192,7 +192,7 @@ def _flex_block_mask(meta: PagedAttentionMetadata, num_blocks: int, n: int, wind
     q_seq = torch.full((n,), -1, dtype=torch.long)  # (N,) owning sequence of each flat query, -1 = padding
     q_pos = torch.zeros(n, dtype=torch.long)  # (N,) absolute position of each flat query
     start = 0
-    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list)):
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
         q_seq[start:start + q_len] = i
         q_pos[start:start + q_len] = torch.arange(ctx - q_len, ctx)
         start += q_len

@@ -111,8 +111,8 @@ def top_logprobs(logits: torch.Tensor, tokens: list[int], counts: list[int]) -> 
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     top_values, top_ids = logprobs.topk(max(counts), dim=-1)
     top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    return [TopLogprobs(t, c, list(zip(ids[:k], values[:k])))
-            for t, c, ids, values, k in zip(tokens, chosen, top_ids, top_values, counts)]
+    return [TopLogprobs(t, c, list(zip(ids[:k], values[:k], strict=True)))
+            for t, c, ids, values, k in zip(tokens, chosen, top_ids, top_values, counts, strict=True)]
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], seen: list[TokenIds],
@@ -138,7 +138,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], seen: list[
     tokens = [0] * b
     greedy = [i for i, p in enumerate(params) if p.greedy]
     if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
             tokens[i] = t
     for i, p in enumerate(params):
         if not p.greedy:
@@ -147,6 +147,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], seen: list[
     logprobs: list[TopLogprobs | None] = [None] * b
     if wanted:
         found = top_logprobs(logits[wanted], [tokens[i] for i in wanted], [params[i].logprobs for i in wanted])
-        for i, lp in zip(wanted, found):
+        for i, lp in zip(wanted, found, strict=True):
             logprobs[i] = lp
     return tokens, logprobs

@@ -66,7 +66,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, ws_ptr, rows_ptr, tables_
             ok = ok & (pos >= ctx - window)
         block = tl.load(tables_ptr + i * stride_t + pos // BLOCK_SIZE, mask=ok, other=0)
         base = block.to(tl.int64) * stride_kb + (pos % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        if D_PAD == HEAD_DIM:
+        if D_PAD == HEAD_DIM:  # noqa: SIM108 - a constexpr branch of a Triton kernel, kept as the if it was tested as
             both = ok[:, None]  # no mask along the head dim: the loads stay 16-byte vectors
         else:
             both = ok[:, None] & d_ok[None, :]

@@ -47,7 +47,7 @@ class LlavaForConditionalGeneration(nn.Module):
         if self.cfg.vision_feature_select == "default":
             feats = feats[:, 1:]
         feats = self.projector(feats)  # (N, P, D)
-        return [self._merge(f, size) for f, size in zip(feats.split(counts), image_sizes)]
+        return [self._merge(f, size) for f, size in zip(feats.split(counts), image_sizes, strict=True)]
 
     def _merge(self, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
         """(1 + tiles, P, D) -> (tokens, D): base image first, then the tile grid (AnyRes)."""
@@ -90,9 +90,9 @@ class LlavaForConditionalGeneration(nn.Module):
         out: dict[int, torch.Tensor] = {}
         if images:
             out.update(zip(images, self.encode_images([pixel_values[i] for i in images],
-                                                      [image_sizes[i] for i in images])))
+                                                      [image_sizes[i] for i in images]), strict=True))
         if videos:
-            out.update(zip(videos, self.encode_videos([pixel_values[i] for i in videos])))
+            out.update(zip(videos, self.encode_videos([pixel_values[i] for i in videos]), strict=True))
         return [out[i] for i in range(len(pixel_values))]
 
     def _pool_frames(self, feats: torch.Tensor) -> torch.Tensor:
@@ -116,7 +116,8 @@ class LlavaForConditionalGeneration(nn.Module):
         n_feats = sum(f.shape[0] for f in features or [])
         if n_slots != n_feats:
             raise ValueError(f"the input has {n_slots} image/video placeholder tokens but the images and videos "
-                             f"give {n_feats} features; build input ids with the model's tokenize() so the counts agree")
+                             f"give {n_feats} features; build input ids with the model's tokenize() "
+                             "so the counts agree")
         embeds = self.language_model.embed_tokens(torch.where(mask, 0, input_ids))
         if n_feats:
             feats = torch.cat(features).to(embeds.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import http.client
 import ipaddress
 import logging
@@ -194,10 +195,8 @@ def _abort(conn: _PinnedHTTPConnection | _PinnedHTTPSConnection) -> None:
     not `conn.sock`: http.client drops the latter once a `Connection: close` response is being read."""
     sock = conn.pinned_sock
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):  # already closed or never connected: nothing to unblock
             sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def _check_length(resp: http.client.HTTPResponse, url: str, policy: FetchPolicy) -> int | None:

@@ -121,7 +121,8 @@ async def _chat_events(svc: Service, run: Run, first: RequestOutput, meta: dict,
     yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(run.params.n)])
     last = first
     async with aclosing(text_deltas(first, run)) as deltas:
-        async for last, o, delta in deltas:
+        async for snapshot, o, delta in deltas:
+            last = snapshot  # the usage chunk reports the latest snapshot
             yield chunk([ChunkChoice(index=o.index, delta=Delta(content=delta), finish_reason=o.finish_reason,
                                      logprobs=_chat_logprobs(svc, o) if o.finish_reason else None)])
     if include_usage:
@@ -167,7 +168,8 @@ async def _completion_events(svc: Service, run: Run, first: RequestOutput, meta:
                              ) -> AsyncIterator[str]:
     last = first
     async with aclosing(text_deltas(first, run)) as deltas:
-        async for last, o, delta in deltas:
+        async for snapshot, o, delta in deltas:
+            last = snapshot  # the usage event reports the latest snapshot
             yield sse(CompletionResponse(choices=[CompletionChoice(
                 index=o.index, text=delta, finish_reason=o.finish_reason,
                 logprobs=_completion_logprobs(svc, o) if o.finish_reason else None)], **meta))

@@ -48,8 +48,8 @@ async def final_output(service: Service, request: Request, run: Run) -> RequestO
     """The finished output of a run; aborted at once if the client disconnects while waiting."""
     async def last() -> RequestOutput:
         out = None
-        async for out in run.stream:
-            pass
+        async for snapshot in run.stream:
+            out = snapshot  # each snapshot supersedes the one before; the last is the finished output
         return out
 
     try:

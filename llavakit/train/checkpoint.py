@@ -17,9 +17,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.train.lora import NON_LORA_PREFIXES, save_adapter
@@ -38,7 +42,8 @@ def weights_dtype(directory: Path) -> torch.dtype:
     for f in find_weight_files(directory):
         if f.suffix == ".safetensors":
             with safe_open(str(f), framework="pt") as handle:
-                counts.update(_SAFETENSORS_DTYPES.get(handle.get_slice(n).get_dtype()) for n in handle.keys())
+                counts.update(_SAFETENSORS_DTYPES.get(handle.get_slice(n).get_dtype())
+                              for n in handle.keys())  # noqa: SIM118 (a safe_open handle is not iterable)
         else:
             counts.update(t.dtype for t in load_bin(f).values())
     found = {dtype: n for dtype, n in counts.items() if dtype in _SAFETENSORS_DTYPES.values()}

@@ -11,8 +11,8 @@ import hashlib
 import os
 import random
 from bisect import bisect_right
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -178,14 +178,14 @@ def _encode(tokenizer: Any, segments: list[tuple[str, bool]], images: list[Prepa
     bos = tokenizer.bos_token_id
     strip = int(bos is not None and encodings[0].input_ids[:1] == [bos])
     ids, labels, runs, base = [], [], [], 0
-    for k, (chunk, enc) in enumerate(zip(chunks, encodings)):
+    for k, (chunk, enc) in enumerate(zip(chunks, encodings, strict=True)):
         if k > 0:
             n = images[k - 1].num_tokens
             runs.append((len(ids), len(ids) + n))
             ids, labels = ids + [image_id] * n, labels + [IGNORE_INDEX] * n
             assert enc.input_ids[:strip] == [bos] * strip, "the tokenizer adds BOS to every encode"
         skip = strip if k > 0 else 0
-        for token, (start, _) in zip(enc.input_ids[skip:], enc.offset_mapping[skip:]):
+        for token, (start, _) in zip(enc.input_ids[skip:], enc.offset_mapping[skip:], strict=True):
             ids.append(token)
             learned = segments[bisect_right(starts, base + start) - 1][1]
             labels.append(token if learned else IGNORE_INDEX)

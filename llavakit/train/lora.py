@@ -252,7 +252,7 @@ def _our_names(tensors: dict[str, torch.Tensor], model: nn.Module, adapter_dir: 
     rules = LAYOUTS[detect_layout(keys, "llava-hf")]
     built = len(model.vision_tower.encoder.layers)
     out, bad = {}, []
-    for key, value in zip(keys, tensors.values()):
+    for key, value in zip(keys, tensors.values(), strict=True):
         m = _PEFT_KEY.match(key)
         try:
             target = map_name(f"{m[1]}.{m[2]}", rules) if m else None

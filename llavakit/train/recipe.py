@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,22 @@ from llavakit.processing.prompt import PromptProcessor
 from llavakit.train import checkpoint as ckpt
 from llavakit.train.build import build_model, param_groups, set_trainable
 from llavakit.train.config import TrainConfig
-from llavakit.train.data import (LlavaDataset, ModalityGroupedBatches, image_folder_hint, load_records,
-                                 missing_image_files)
-from llavakit.train.distributed import (DistInfo, all_gather_objects, all_reduce_sum, all_reduce_sums,
-                                        cleanup as dist_cleanup, init_distributed, wrap)
+from llavakit.train.data import (
+    LlavaDataset,
+    ModalityGroupedBatches,
+    image_folder_hint,
+    load_records,
+    missing_image_files,
+)
+from llavakit.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    all_reduce_sums,
+    init_distributed,
+    wrap,
+)
+from llavakit.train.distributed import cleanup as dist_cleanup
 from llavakit.train.lora import apply_lora, load_adapter
 from llavakit.train.metrics import TrainLogger, plot_loss_curve
 from llavakit.weights.save import unused_source_tensors
@@ -224,7 +237,7 @@ def split_by_length(rows: list[int], length: Callable[[int], int], pieces: int) 
     shortest first; with fewer rows than pieces some are empty."""
     rows = sorted(rows, key=length)
     cuts = [round(k * len(rows) / pieces) for k in range(pieces + 1)]
-    return [rows[a:b] for a, b in zip(cuts, cuts[1:])]
+    return [rows[a:b] for a, b in pairwise(cuts)]
 
 
 def _rank_micro_batches(run: Run, epoch: int, first_step: int) -> list[list[int]]:
@@ -304,7 +317,7 @@ def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]
     fsdp = info.enabled and run.cfg.distributed == "fsdp"
     loss_sum, seen = 0.0, 0
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16)
-    for batch, any_rank_images in zip(micro, images):
+    for batch, any_rank_images in zip(micro, images, strict=True):
         if not batch["indices"] and not info.enabled:
             continue  # all its rows skipped; under torchrun the empty batch still runs: every rank takes part
         with autocast:

@@ -75,7 +75,8 @@ def _read_safetensor(handle, path: Path, name: str) -> torch.Tensor:
     try:
         return handle.get_tensor(name)
     except (SafetensorError, OSError) as e:
-        raise WeightsError(f"cannot read tensor {name} from {path} ({e}); the file is corrupt, re-download it") from None
+        raise WeightsError(f"cannot read tensor {name} from {path} ({e}); "
+                           "the file is corrupt, re-download it") from None
 
 
 def _iter_bin(path: Path) -> Iterator[tuple[str, TensorGetter]]:

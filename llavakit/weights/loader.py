@@ -31,7 +31,8 @@ def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor) -> torch.Te
     return tensor
 
 
-def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: torch.device) -> LlavaForConditionalGeneration:
+def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype,
+               device: torch.device) -> LlavaForConditionalGeneration:
     """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed)."""
     sources = [(directory, cfg.layout)]
     if cfg.vision_tower_dir:
@@ -143,7 +144,8 @@ def _check_complete(model: nn.Module, loaded: set[str], cfg: LlavaConfig) -> Non
     if cfg.layout == "original" and all(n.startswith("vision_tower.") for n in missing):
         raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
     raise WeightsError(f"checkpoint lacks {len(missing)} tensors the model needs (llavakit names): "
-                       f"{_short_list(missing)}; the download may be incomplete or config.json may describe another model")
+                       f"{_short_list(missing)}; the download may be incomplete "
+                       "or config.json may describe another model")
 
 
 def _materialize_buffers(model: LlavaForConditionalGeneration, device) -> None:

@@ -43,7 +43,7 @@ def test_any_canvas_scenes_come_in_every_size_and_the_standard_ones_do_not_chang
     sizes = {(sc.width, sc.height) for sc in free}
     assert len(sizes) > 150
     for sc in free:
-        assert 64 <= min(sc.width, sc.height) and max(sc.width, sc.height) <= 320
+        assert min(sc.width, sc.height) >= 64 and max(sc.width, sc.height) <= 320
         assert max(sc.width, sc.height) / min(sc.width, sc.height) <= 1.81
         for shape in sc.shapes:
             x1, y1, x2, y2 = shape.box

@@ -33,7 +33,7 @@ PROMPTS = ["What is this?", "Describe the picture in detail please.", "Colour?",
 
 
 def requests():
-    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS, IMAGES)]
+    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS, IMAGES, strict=True)]
     reqs.append({"prompt": "No image here, just text."})
     reqs.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                               {"role": "user", "content": "Which one?"}], "images": [IMAGES[0]]})
@@ -59,7 +59,7 @@ def test_mixed_batch_equals_the_plain_loop(tiny, cfg):
     _, _, pipe = tiny
     engine = engine_for(pipe, cfg)
     outs = run(engine, pipe, requests(), GREEDY)
-    for req, p, out in zip(requests(), GREEDY, outs):
+    for req, p, out in zip(requests(), GREEDY, outs, strict=True):
         ref = reference(pipe, req, max_new_tokens=p.max_tokens)
         assert out.token_ids == ref.token_ids and out.text == ref.text
         assert out.prompt_token_ids == ref.prompt_token_ids
@@ -77,7 +77,7 @@ def test_static_decode_buffers_equal_the_plain_loop(tiny, cfg):
     engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
     assert engine.runner.graphs.buckets == [1, 2, 4, 5]
     outs = run(engine, pipe, requests(), GREEDY)
-    for req, p, out in zip(requests(), GREEDY, outs):
+    for req, p, out in zip(requests(), GREEDY, outs, strict=True):
         assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
     assert engine.runner.graphs.steps >= 10  # the pure-decode steps went through the buffers
     assert engine.block_manager.num_free_blocks == cfg.num_kv_blocks
@@ -89,17 +89,17 @@ def test_triton_backend_in_the_engine_interpreted(tiny, interpreted_triton):
     engine = engine_for(pipe, EngineConfig(num_kv_blocks=256, max_num_seqs=5, attention_backend="triton"))
     engine.runner.graphs = engine.runner.decode_graphs(engine.max_model_len, capture=False)
     outs = run(engine, pipe, requests(), GREEDY)
-    for req, p, out in zip(requests(), GREEDY, outs):
+    for req, p, out in zip(requests(), GREEDY, outs, strict=True):
         assert out.token_ids == reference(pipe, req, max_new_tokens=p.max_tokens).token_ids
 
 
 def test_equals_transformers(tiny):
     hf, d, pipe = tiny
     engine = engine_for(pipe, EngineConfig(num_kv_blocks=256))
-    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS[:3], IMAGES[:3])]
+    reqs = [{"prompt": p, "images": [im]} for p, im in zip(PROMPTS[:3], IMAGES[:3], strict=True)]
     outs = run(engine, pipe, reqs, SamplingParams(max_tokens=20, ignore_eos=True))
     proc = hf_processor("llava_next", d)
-    for req, out in zip(reqs, outs):
+    for req, out in zip(reqs, outs, strict=True):
         inputs = proc(images=req["images"], text=pipe.processor.render_prompt(req["prompt"], 1), return_tensors="pt")
         with torch.no_grad():
             ref = hf.generate(**inputs, max_new_tokens=20, min_new_tokens=20, do_sample=False)

@@ -13,8 +13,8 @@ from conftest import noise_image
 from llavakit.config import EngineConfig
 from llavakit.engine import model_runner
 from llavakit.engine.llm_engine import LLMEngine
-from llavakit.llm import LLM
 from llavakit.engine.model_runner import kv_block_bytes, num_kv_blocks
+from llavakit.llm import LLM
 from llavakit.sampling import SamplingParams
 
 
@@ -52,8 +52,8 @@ def test_cpu_default_is_the_model_context_for_max_num_seqs(ckpt):
     assert engine.max_model_len == 512
     assert engine.block_manager.num_blocks == 512 // 16 * 4
     # the scheduler never runs more sequences than max_num_batched_tokens, so no blocks for more
-    small = LLMEngine(llm.pipe.model, llm.pipe.tokenizer, EngineConfig(max_num_seqs=8, max_num_batched_tokens=2, max_model_len=33,
-                                               block_size=8))
+    small = LLMEngine(llm.pipe.model, llm.pipe.tokenizer,
+                      EngineConfig(max_num_seqs=8, max_num_batched_tokens=2, max_model_len=33, block_size=8))
     assert small.block_manager.num_blocks == 5 * 2
 
 

@@ -268,7 +268,8 @@ def test_add_rejects_prompts_that_cannot_run():
 
 
 def test_config_that_could_stall_is_rejected():
-    with pytest.raises(ValueError, match=r"without chunked prefill max_num_batched_tokens \(32\).*max_model_len \(64\)"):
+    with pytest.raises(ValueError,
+                       match=r"without chunked prefill max_num_batched_tokens \(32\).*max_model_len \(64\)"):
         make_scheduler(budget=32, chunked=False)
 
 

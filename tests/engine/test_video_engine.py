@@ -54,7 +54,7 @@ def test_video_requests_equal_the_plain_loop(tiny, cfg):
     _, pipe, videos = tiny
     engine = engine_for(pipe, cfg)
     outs = run(engine, pipe, requests(videos), GREEDY)
-    for req, p, out in zip(requests(videos), GREEDY, outs):
+    for req, p, out in zip(requests(videos), GREEDY, outs, strict=True):
         ref = reference(pipe, req, max_new_tokens=p.max_tokens)
         assert out.prompt_token_ids == ref.prompt_token_ids
         assert out.token_ids == ref.token_ids and out.text == ref.text

@@ -65,7 +65,7 @@ def test_each_batch_size_is_timed_after_an_untimed_run_of_the_same_shape(recorde
     results = bench.mindie_protocol(engine, [1, 2, 3], output_tokens=4)
     assert [len(b) for b in engine.batches] == [1, 1, 2, 2, 3, 3]
     assert len(recorded_runs) == 6
-    for k, (bs, result) in enumerate(zip([1, 2, 3], results)):
+    for k, (bs, result) in enumerate(zip([1, 2, 3], results, strict=True)):
         (warm, _, _), (timed, timed_result, _) = recorded_runs[2 * k], recorded_runs[2 * k + 1]
         assert result is timed_result  # what is reported is the second run of each size
         assert [r["prompt"] for r in warm] == [r["prompt"] for r in timed] and len(warm) == len(timed) == bs

@@ -38,7 +38,8 @@ def questions(tmp_path):
 def _answers(path: Path, captions: list[int]) -> Path:
     """Answers as `llavakit predict` writes them (no image field); question q gets CAPTIONS[captions[q]]."""
     return _write_jsonl(path, [{"question_id": q, "prompt": "Describe the image.", "text": CAPTIONS[c],
-                                "answer_id": f"a{q}", "model_id": "tiny", "metadata": {}} for q, c in enumerate(captions)])
+                                "answer_id": f"a{q}", "model_id": "tiny", "metadata": {}}
+                               for q, c in enumerate(captions)])
 
 
 def test_clip_score_matches_open_clip_and_counts_skips(tmp_path, questions, capsys):
@@ -68,7 +69,7 @@ def test_compare_answers_files_and_score_files_agree(tmp_path, questions, capsys
     assert direct["mean_b"] == pytest.approx(sum(want_b) / 4, abs=1e-3)
     assert direct["verdict"] == "B better"  # the empty caption is closer to these images in this random model
     assert [json.loads(line)["difference"] for line in pairs.read_text().splitlines()] == pytest.approx(
-        [wb - wa for wa, wb in zip(want_a, want_b)], abs=1e-3)
+        [wb - wa for wa, wb in zip(want_a, want_b, strict=True)], abs=1e-3)
     assert Image.open(plot).format == "PNG"
     for name, src in (("a", a), ("b", b)):
         assert main(["eval", "clip-score", "--answers", str(src), "--questions", str(questions), *MODEL,

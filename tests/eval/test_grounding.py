@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import noise_image
 from PIL import Image
 
-from conftest import noise_image
 from llavakit.eval.grounding import draw_boxes, ground, image_to_square, parse_boxes, square_to_image
 from llavakit.processing.image import expand2square
 
@@ -29,7 +29,7 @@ SEED000 = "0.23, 0.33, 0.79, 0.78"
 def test_parse_boxes(text, expected):
     got = parse_boxes(text)
     assert len(got) == len(expected)
-    for box, want in zip(got, expected):
+    for box, want in zip(got, expected, strict=True):
         assert box == pytest.approx(want)
 
 

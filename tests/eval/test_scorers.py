@@ -111,8 +111,8 @@ def test_score_textvqa_and_vizwiz_layouts(tmp_path):
 def test_score_pope_per_category_file(tmp_path):
     labels = ["yes", "yes", "yes", "no", "no", "no"]
     ann = _write_jsonl(tmp_path / "coco_pope_adversarial.json",
-                       [{"question_id": i, "image": f"{i}.jpg", "text": "Is there a dog?", "label": l}
-                        for i, l in enumerate(labels)])
+                       [{"question_id": i, "image": f"{i}.jpg", "text": "Is there a dog?", "label": label}
+                        for i, label in enumerate(labels)])
     texts = ["Yes, there is a dog.", "No.", "Yes", "There is no dog in the image.", "Yes.", "No, there is not."]
     r = score("pope", _write_answers(tmp_path / "a.jsonl", dict(enumerate(texts))), ann)
     m = r["categories"]["adversarial"]
@@ -124,8 +124,8 @@ def test_score_mme_paired_questions(tmp_path):
     rows = [("existence", "1.jpg", "yes", "Yes"), ("existence", "1.jpg", "no", "No"),       # pair right
             ("existence", "2.jpg", "yes", "no"), ("existence", "2.jpg", "no", "No."),       # one wrong
             ("code_reasoning", "3.png", "yes", "Yes, it is."), ("code_reasoning", "3.png", "no", None)]
-    ann = _write_jsonl(tmp_path / "mme.jsonl", [{"question_id": i, "category": c, "image": im, "label": l}
-                                               for i, (c, im, l, _) in enumerate(rows)])
+    ann = _write_jsonl(tmp_path / "mme.jsonl", [{"question_id": i, "category": c, "image": im, "label": label}
+                                               for i, (c, im, label, _) in enumerate(rows)])
     answers = _write_answers(tmp_path / "a.jsonl", {i: t for i, (*_, t) in enumerate(rows) if t is not None})
     r = score("mme", answers, ann)
     ex = r["subtasks"]["existence"]

@@ -69,12 +69,12 @@ class Batch:
         """Flat (1, N, ., D) q/k/v of this step's new tokens, padding tokens last."""
         pad_q, pad_kv = torch.randn(pad_tokens, H, D), torch.randn(pad_tokens, HKV, D)
         q = torch.cat([*self.q, pad_q])
-        k = torch.cat([k[c:] for k, (c, _) in zip(self.k, self.lens)] + [pad_kv])
-        v = torch.cat([v[c:] for v, (c, _) in zip(self.v, self.lens)] + [pad_kv])
+        k = torch.cat([k[c:] for k, (c, _) in zip(self.k, self.lens, strict=True)] + [pad_kv])
+        v = torch.cat([v[c:] for v, (c, _) in zip(self.v, self.lens, strict=True)] + [pad_kv])
         return q[None], k[None], v[None]
 
     def reference(self, window: int | None) -> torch.Tensor:
-        return torch.cat([dense_reference(q, k, v, window) for q, k, v in zip(self.q, self.k, self.v)])
+        return torch.cat([dense_reference(q, k, v, window) for q, k, v in zip(self.q, self.k, self.v, strict=True)])
 
 
 MIXED = [(0, 7), (5, 1), (9, 3), (0, 1), (12, 1), (3, 6)]
@@ -96,15 +96,16 @@ def test_chunked_prefill_over_two_steps(window):
     final = Batch([(0, 10), (0, 6), (0, 3)])
     first = [(0, 6), (0, 6), (0, 2)]
     step1 = Batch(first)
-    step1.k = [k[:c + n] for k, (c, n) in zip(final.k, first)]
-    step1.v = [v[:c + n] for v, (c, n) in zip(final.v, first)]
-    step1.q, step1.tables, step1.cache = [q[:n] for q, (_, n) in zip(final.q, first)], final.tables, final.cache
+    step1.k = [k[:c + n] for k, (c, n) in zip(final.k, first, strict=True)]
+    step1.v = [v[:c + n] for v, (c, n) in zip(final.v, first, strict=True)]
+    step1.q = [q[:n] for q, (_, n) in zip(final.q, first, strict=True)]
+    step1.tables, step1.cache = final.tables, final.cache
     q, k, v = step1.new_tokens()
     out1 = paged_attention(q, k, v, step1.cache, step1.meta(), window)
     torch.testing.assert_close(out1[0].view(-1, H, D), step1.reference(window), atol=1e-5, rtol=1e-5)
 
     final.lens = [(6, 4), (6, 0), (2, 1)]  # the second sequence has nothing new this step
-    final.q = [q[c:] for q, (c, _) in zip(final.q, final.lens)]
+    final.q = [q[c:] for q, (c, _) in zip(final.q, final.lens, strict=True)]
     final.q[1] = final.q[1][:0]
     q, k, v = final.new_tokens()
     out2 = paged_attention(q, k, v, final.cache, final.meta(), window)
@@ -162,7 +163,7 @@ def test_llama_decoder_gives_the_same_hidden_states_with_either_cache():
     model = LlamaModel(cfg).eval()
     lens, embeds = [7, 4], [torch.randn(8, 32), torch.randn(5, 32)]  # prompt + one decoded token each
     want = []
-    for n, x in zip(lens, embeds):
+    for n, x in zip(lens, embeds, strict=True):
         cache = KVCache(2, 1, HKV, 16, D, torch.float32, "cpu")
         pre = model(x[None, :n], torch.arange(n)[None], cache, AttentionMetadata(0))
         dec = model(x[None, n:], torch.tensor([[n]]), cache, AttentionMetadata(n))
@@ -171,7 +172,7 @@ def test_llama_decoder_gives_the_same_hidden_states_with_either_cache():
     for step, seq_lens in enumerate([[(0, 7), (0, 4)], [(7, 1), (4, 1)]]):
         batch = Batch(seq_lens)
         batch.tables = [[3, 9], [30, 1]]
-        x = torch.cat([e[c:c + n] for e, (c, n) in zip(embeds, seq_lens)])[None]
+        x = torch.cat([e[c:c + n] for e, (c, n) in zip(embeds, seq_lens, strict=True)])[None]
         positions = torch.cat([torch.arange(c, c + n) for c, n in seq_lens])[None]
         meta = batch.meta()
         assert meta.decode_only == (step == 1)

@@ -7,8 +7,13 @@ import math
 import pytest
 import torch
 
-from llavakit.layers.sampler import (apply_presence_frequency, apply_repetition_penalty, filter_min_p, filter_top_k_top_p,
-                                     sample_batch)
+from llavakit.layers.sampler import (
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    filter_min_p,
+    filter_top_k_top_p,
+    sample_batch,
+)
 from llavakit.sampling import SamplingParams
 
 V = 50

@@ -9,8 +9,15 @@ import huggingface_hub.constants
 import pytest
 import torch
 import transformers
-from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, save_tokenizer, text_config_dict,
-                         write_clip_tower, write_original_checkpoint)
+from checkpoints import (
+    IMAGE_TOKEN_ID,
+    PINPOINTS,
+    build_hf_model,
+    save_tokenizer,
+    text_config_dict,
+    write_clip_tower,
+    write_original_checkpoint,
+)
 from conftest import noise_image
 from parity import SIZE, assert_parity, our_last_logits
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil

@@ -8,12 +8,20 @@ greedy tokens.
 from __future__ import annotations
 
 import pytest
-from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, processor_config, text_config_dict,
-                         vision_config_dict, write_hf_checkpoint)
+from checkpoints import (
+    IMAGE_TOKEN_ID,
+    PINPOINTS,
+    build_hf_model,
+    processor_config,
+    text_config_dict,
+    vision_config_dict,
+    write_hf_checkpoint,
+)
 from conftest import noise_image
 from parity import assert_parity, hf_processor
 
 import llavakit
+
 
 def _load(d):
     return llavakit.load(d, dtype="float32", device="cpu")
@@ -35,7 +43,8 @@ def test_llava15_mha_every_hf_layout(tmp_path, layout):
 def test_llava15_several_images_in_order(tmp_path):
     """Several images in one prompt: placed by the template, or where the prompt's tags put them."""
     hf = build_hf_model("llava", seed=5)
-    d = write_hf_checkpoint(hf, tmp_path / "multi", "hub", processor=processor_config("LlavaImageProcessor", do_pad=True))
+    d = write_hf_checkpoint(hf, tmp_path / "multi", "hub",
+                            processor=processor_config("LlavaImageProcessor", do_pad=True))
     pipe = _load(d)
     proc = hf_processor("llava", d)
     images = [noise_image(60, 40, seed=1), noise_image(30, 90, seed=2), noise_image(50, 50, seed=3)]

@@ -14,8 +14,14 @@ import dataclasses
 
 import pytest
 import torch
-from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, processor_config, text_config_dict,
-                         write_hf_checkpoint)
+from checkpoints import (
+    IMAGE_TOKEN_ID,
+    PINPOINTS,
+    build_hf_model,
+    processor_config,
+    text_config_dict,
+    write_hf_checkpoint,
+)
 from conftest import noise_image
 from parity import PROMPT, assert_parity
 from PIL import Image
@@ -23,8 +29,7 @@ from transformers import AutoTokenizer, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 import llavakit
-from llavakit.cli import build_parser, main
-from llavakit.cli import common
+from llavakit.cli import build_parser, common, main
 from llavakit.config import ConfigError, image_mode, with_image_aspect_ratio
 from llavakit.llm import LLM
 from llavakit.presets import preset_config

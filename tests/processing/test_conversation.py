@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from llavakit.assets import LLAMA_TOKENIZER_DIR
-from llavakit.processing.conversation import (TEMPLATES, add_image_tags, get_template, render,
-                                              render_segments)
+from llavakit.processing.conversation import TEMPLATES, add_image_tags, get_template, render, render_segments
 from llavakit.processing.tokens import split_on_tags, tokenize_texts
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -30,7 +29,8 @@ TWO_TURNS = [
 EXPECTED = {
     "vicuna_v1": (
         VICUNA_SYS + " USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What color is it? ASSISTANT:",
-        VICUNA_SYS + " USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>USER: What color is it? ASSISTANT: Black.</s>",
+        VICUNA_SYS + " USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>"
+                     "USER: What color is it? ASSISTANT: Black.</s>",
         [" A cat.</s>", " Black.</s>"],
     ),
     "llava_v1": (
@@ -184,7 +184,7 @@ def test_unknown_template():
         get_template("vicuna_v9")
 
 
-# --- tokenization, against the ids printed by the original LLaVA (LLaVA-NeXT walk-through example) -------------------------
+# --- tokenization, against the ids printed by the original LLaVA (LLaVA-NeXT walk-through example) --------------------
 
 LLAMA_DIR = LLAMA_TOKENIZER_DIR  # shipped in the package
 QUESTION = "What are the things I should be cautious about when I visit here?"

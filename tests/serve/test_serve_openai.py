@@ -119,7 +119,7 @@ def test_completions_equal_raw_prompts(client, offline):
     lp = client.completions.create(model="tiny", prompt=prompt, logprobs=2, **GREEDY).choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ref.token_ids)
     assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen)
-               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs))
+               for top, chosen in zip(lp.top_logprobs, lp.token_logprobs, strict=True))
     assert lp.text_offset == sorted(lp.text_offset) and "".join(lp.tokens).strip() == ref.text.strip()
 
 

@@ -19,8 +19,17 @@ from llavakit.pipeline import load_processor
 from llavakit.processing.conversation import add_image_tags, get_template, render
 from llavakit.processing.media import FetchPolicy
 from llavakit.processing.prompt import PromptProcessor
-from llavakit.train.data import (BadSample, LlavaDataset, ModalityGroupedBatches, Sample, Skipped, collate,
-                                 load_records, parse_record, tokenize_sample)
+from llavakit.train.data import (
+    BadSample,
+    LlavaDataset,
+    ModalityGroupedBatches,
+    Sample,
+    Skipped,
+    collate,
+    load_records,
+    parse_record,
+    tokenize_sample,
+)
 
 TWO_TURNS = [{"role": "user", "content": "What is shown?"}, {"role": "assistant", "content": "A cat."},
              {"role": "user", "content": "What color is it?"}, {"role": "assistant", "content": "Black."}]
@@ -59,7 +68,7 @@ def with_tokens(processor, tokens, **cfg):
 def runs(ids, labels):
     """Contiguous runs of learned token ids."""
     out, current = [], []
-    for token, label in zip(ids, labels):
+    for token, label in zip(ids, labels, strict=True):
         if label != IGNORE_INDEX:
             assert label == token
             current.append(token)

@@ -42,7 +42,7 @@ def single(setup_dirs):
 def test_gradient_accumulation_matches_one_big_batch(setup_dirs, single):
     root, d, data = setup_dirs
     accum = [s.loss for s in train(make_config(**_options(d, data, root / "accum", per_device=2, accum=2)))]
-    assert max(abs(a - b) for a, b in zip(accum, single)) < TOLERANCE
+    assert max(abs(a - b) for a, b in zip(accum, single, strict=True)) < TOLERANCE
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -57,5 +57,5 @@ def test_two_processes_match_one(setup_dirs, single, mode):
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in read_log(out / "train_log.jsonl")]
     assert len(losses) == STEPS
-    assert max(abs(a - b) for a, b in zip(losses, single)) < TOLERANCE, (losses, single)
+    assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) < TOLERANCE, (losses, single)
     assert (out / "final" / "model.safetensors").is_file()

@@ -7,15 +7,23 @@ import re
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from checkpoints import build_hf_model, processor_config, write_hf_checkpoint
 from conftest import noise_image
 from parity import our_last_logits
+from safetensors.torch import load_file, save_file
 
 import llavakit
 from llavakit.layers.linear import Linear
-from llavakit.train.lora import (DEFAULT_TARGETS, NON_LORA_FILE, LoRALinear, apply_lora, load_adapter,
-                                 lora_state_dict, merge_lora, save_adapter)
+from llavakit.train.lora import (
+    DEFAULT_TARGETS,
+    NON_LORA_FILE,
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
 from llavakit.train.merge import merge_lora_checkpoint
 
 LAYERS = 2  # text_config_dict's num_hidden_layers

@@ -84,5 +84,5 @@ def test_fsdp_on_mixed_image_text_and_bad_rows_matches_one_process(checkpoint, t
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [r["loss"] for r in read_log(out / "train_log.jsonl")]
     assert len(losses) == STEPS
-    assert max(abs(a - b) for a, b in zip(losses, single)) < 1e-4, (losses, single)
+    assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) < 1e-4, (losses, single)
     assert result.stdout.count(f"skipped row {BAD_ROW}:") == 1  # reported once, by rank 0, though rank 1 read it

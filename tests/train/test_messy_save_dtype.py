@@ -28,7 +28,7 @@ def fp16_base(tmp_path_factory):
 
 def _dtypes(path) -> set[str]:
     with safe_open(str(path), framework="pt") as f:
-        return {f.get_slice(name).get_dtype() for name in f.keys()}
+        return {f.get_slice(name).get_dtype() for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def test_finetuning_a_float16_checkpoint_saves_float16(fp16_base, tmp_path):

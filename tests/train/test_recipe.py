@@ -145,7 +145,8 @@ def test_bad_rows_are_skipped_within_the_limit_and_stop_above_it(tmp_path, base)
     rows = json.loads(data.read_text())
     rows.append({"id": "broken", "conversations": "not a list"})
     data.write_text(json.dumps(rows))
-    with pytest.raises(TrainingError, match=r"rows name image files that do not exist.*--max-bad-fraction\) 0.01.*img5.png"):
+    with pytest.raises(TrainingError,
+                       match=r"rows name image files that do not exist.*--max-bad-fraction\) 0.01.*img5.png"):
         train(config(base, tmp_path / "strict", data_path=str(data), image_folder=str(tmp_path), max_steps=6))
     history = train(config(base, tmp_path / "lenient", data_path=str(data), image_folder=str(tmp_path),
                            max_steps=6, max_bad_fraction=0.2))
@@ -196,7 +197,8 @@ def test_pretrain_builds_a_llava_from_a_text_llm_and_clip(tmp_path):
 
     hf = build_hf_model("llava", seed=4)
     text = transformers.LlamaConfig(**{k: v for k, v in hf.config.text_config.to_dict().items()
-                                       if k not in ("model_type", "architectures")} | {"vocab_size": 32000, "pad_token_id": None})
+                                       if k not in ("model_type", "architectures")}
+                                    | {"vocab_size": 32000, "pad_token_id": None})
     llm = transformers.LlamaForCausalLM(text)
     llm.save_pretrained(tmp_path / "llm")
     save_tokenizer(tmp_path / "llm", extra_tokens=())
@@ -219,7 +221,7 @@ def test_pretrain_builds_a_llava_from_a_text_llm_and_clip(tmp_path):
 def test_gradient_checkpointing_gives_the_same_losses(base, tmp_path):
     plain = [s.loss for s in train(config(base, tmp_path / "a", max_steps=3))]
     checkpointed = [s.loss for s in train(config(base, tmp_path / "b", max_steps=3, gradient_checkpointing=True))]
-    assert max(abs(a - b) for a, b in zip(plain, checkpointed)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(plain, checkpointed, strict=True)) < 1e-5
 
 
 def test_micro_batches_by_length_give_the_same_losses_and_weights(base, tmp_path):
@@ -233,7 +235,7 @@ def test_micro_batches_by_length_give_the_same_losses_and_weights(base, tmp_path
     whole = train(config(base, tmp_path / "a", **kw))
     split = train(config(base, tmp_path / "b", micro_batches_by_length=3, **kw))
     assert [s.tokens for s in whole] == [s.tokens for s in split]
-    assert max(abs(a.loss - b.loss) for a, b in zip(whole, split)) < 1e-5
+    assert max(abs(a.loss - b.loss) for a, b in zip(whole, split, strict=True)) < 1e-5
     a = llavakit.load(tmp_path / "a" / "final", dtype="float32", device="cpu").model.state_dict()
     b = llavakit.load(tmp_path / "b" / "final", dtype="float32", device="cpu").model.state_dict()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

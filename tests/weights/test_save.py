@@ -14,8 +14,16 @@ import re
 
 import pytest
 import torch
-from checkpoints import (IMAGE_TOKEN_ID, PINPOINTS, build_hf_model, processor_config, save_tokenizer,
-                         text_config_dict, write_hf_checkpoint, write_original_checkpoint)
+from checkpoints import (
+    IMAGE_TOKEN_ID,
+    PINPOINTS,
+    build_hf_model,
+    processor_config,
+    save_tokenizer,
+    text_config_dict,
+    write_hf_checkpoint,
+    write_original_checkpoint,
+)
 from conftest import noise_image
 from parity import PROMPT, our_last_logits
 from safetensors import safe_open
@@ -23,11 +31,16 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 
 import llavakit
 from llavakit.checkpoint_config import read_checkpoint_config
-from llavakit.config import (ORIGINAL_IMAGE_TOKEN_ID, ImageConfig, LlavaConfig, RopeConfig, TextConfig,
-                             VisionConfig)
+from llavakit.config import ORIGINAL_IMAGE_TOKEN_ID, ImageConfig, LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from llavakit.weights.name_maps import LLAVA_HF, map_name
-from llavakit.weights.save import (TO_LLAVA_HF, hf_config_dict, preprocessor_config_dict, save_llava_hf,
-                                   state_dict_for_hf, unused_source_tensors)
+from llavakit.weights.save import (
+    TO_LLAVA_HF,
+    hf_config_dict,
+    preprocessor_config_dict,
+    save_llava_hf,
+    state_dict_for_hf,
+    unused_source_tensors,
+)
 
 IMAGE = noise_image(70, 30)
 NO_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
@@ -152,7 +165,7 @@ def test_bfloat16_model_saves_bfloat16(source, tmp_path):
                         extra_tensors=unused_source_tensors(d, pipe.config))
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (safe_open is not iterable)
     back = llavakit.load(out, dtype="bfloat16", device="cpu")
     theirs = dict(back.model.named_parameters())
     assert all(torch.equal(p, theirs[n]) and p.dtype == torch.bfloat16 for n, p in pipe.model.named_parameters())

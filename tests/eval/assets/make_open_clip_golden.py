@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 OUT = Path(__file__).parent / "open_clip"
 CONTEXT = 16
-CAPTIONS = ["a red square on a white background", "A photo of a cat.", "Hello &amp; World\u2019s caf\u00e9 \u2014 \u201cquoted\u201d",
+CAPTIONS = ["a red square on a white background", "A photo of a cat.",
+            "Hello &amp; World\u2019s caf\u00e9 \u2014 \u201cquoted\u201d",
             "the man is sitting in the room with the dog and the tree " * 2, "",
             "\u201cQ\u201d &amp; \u2014 \u00e9\u2019s"]
 # 30x52 resizes to 32x55: a crop offset of 11.5, where round-half-even (torchvision) and floor differ.
@@ -38,7 +39,8 @@ VARIANTS = {
     "standard": ({"quick_gelu": False}, {}, {}, "open_clip_model.safetensors"),
     "variant": ({"quick_gelu": True, "custom_text": True},
                 {"ls_init_value": 0.5, "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
-                {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear", "resize_mode": "squash"},
+                {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear",
+                 "resize_mode": "squash"},
                 "open_clip_pytorch_model.bin"),
 }
 
