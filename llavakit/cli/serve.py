@@ -68,6 +68,21 @@ def _add_limit_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=count, metavar="N", default=256,
                    help="sequences that may wait beyond the running batch; more get 503 + Retry-After")
     g.add_argument("--max-body-mb", type=positive, default=32, metavar="MiB", help="request body size cap in MiB")
+    g.add_argument("--max-buffered-body-mb", type=positive, metavar="MiB",
+                   help="request bodies held at once, all requests together, in MiB; more get 503 (default: 8 "
+                        "times --max-body-mb)")
+    g.add_argument("--header-timeout", type=positive, default=10.0, metavar="S",
+                   help="seconds a client may take to send a request's headers, from connecting or from its "
+                        "first byte on a kept-alive connection; then 408 and the connection closes")
+    g.add_argument("--idle-timeout", type=positive, default=5.0, metavar="S",
+                   help="seconds a kept-alive connection may wait for its next request")
+    g.add_argument("--max-header-kb", type=positive, default=16, metavar="KiB",
+                   help="request line and headers together, in KiB (431 or 414 beyond)")
+    g.add_argument("--max-connections", type=number(int, 1), metavar="N",
+                   help="open connections at once; beyond, the one idle the longest is closed (default: 3/4 of "
+                        "the file descriptors free at start, at most 8192; the soft limit is raised to the hard one)")
+    g.add_argument("--max-decoding-images", type=number(int, 1), metavar="N", default=4,
+                   help="images (and videos) decoded at once, across requests: bounds the memory decoding takes")
     g.add_argument("--max-images-per-request", type=count, metavar="N", default=4, help="image parts per request")
     g.add_argument("--max-image-mb", type=positive, default=20, metavar="MiB",
                    help="size cap per image (download or base64), in MiB")
@@ -100,9 +115,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--allowed-local-media-path {root!r} is not a directory")
     fetch = server_fetch_policy(int(args.max_image_mb * MiB), root, total_timeout=args.fetch_timeout,
                                 connect_timeout=args.connect_timeout)
+    buffered = int(args.max_buffered_body_mb * MiB) if args.max_buffered_body_mb else None
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or None,
                       model_name=args.served_model_name or str(args.model or "demo"),
-                      max_body_bytes=int(args.max_body_mb * MiB), max_images_per_request=args.max_images_per_request,
+                      max_body_bytes=int(args.max_body_mb * MiB),
+                      max_buffered_body_bytes=buffered,
+                      header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                      max_header_bytes=int(args.max_header_kb * 1024), max_connections=args.max_connections,
+                      max_decoding_images=args.max_decoding_images, max_images_per_request=args.max_images_per_request,
                       max_image_pixels=args.max_image_pixels, max_image_aspect_ratio=args.max_image_aspect_ratio,
                       max_videos_per_request=args.max_videos_per_request,
                       max_video_bytes=int(args.max_video_mb * MiB), max_video_seconds=args.max_video_seconds,

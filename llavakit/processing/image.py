@@ -70,7 +70,8 @@ def _decode(data: bytes, max_pixels: int, name: str) -> Image.Image:
     _check_pixels(img.size, max_pixels, name)
     try:
         img.load()  # GIF/WEBP: frame 0 only
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # a copy of every pixel otherwise, rotated or not
+        return img
     except Exception:  # noqa: BLE001 - decoders of untrusted bytes raise many types; none may escape
         raise ImageError(f"image {name} is truncated or corrupt and could not be decoded; "
                          "send the complete file") from None
@@ -97,6 +98,12 @@ def load_image(source: str | Path | bytes | Image.Image, policy: FetchPolicy | N
         return to_rgb(ImageOps.exif_transpose(source))
     img = _decode(_read_bytes(source, policy), max_pixels, name)
     return to_rgb(img)
+
+
+# Longer side above which `pad` first shrinks the image by a whole factor (a box filter) before padding it: the
+# square then holds at most 4096² pixels (48 MiB) instead of longer_side² (4.8 GB for a 40000 x 400 image). The
+# CLIP resize to 336 that follows hides the difference but for the last bits of the pixel values.
+PAD_MAX_SIDE = 4096
 
 
 def expand2square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -172,7 +179,9 @@ def preprocess(img: Image.Image, cfg: ImageConfig) -> tuple[torch.Tensor, tuple[
     if cfg.mode == "anyres":
         pixels = anyres_tiles(img, cfg)
     elif cfg.mode == "pad":
-        pixels = clip_transform(expand2square(img, cfg.pad_color), cfg)[None]
+        factor = -(-max(img.size) // PAD_MAX_SIDE)
+        small = img.reduce(factor) if factor > 1 else img
+        pixels = clip_transform(expand2square(small, cfg.pad_color), cfg)[None]
     else:
         pixels = clip_transform(img, cfg)[None]
     return torch.from_numpy(pixels), (img.height, img.width)

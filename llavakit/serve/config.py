@@ -31,6 +31,11 @@ class ServeConfig:
     api_key: str | None = None  # when set, every API route needs "Authorization: Bearer <key>"
     max_body_bytes: int = 32 * 2**20
     body_timeout: float = 30.0  # seconds a client may take to send its request body
+    max_buffered_body_bytes: int | None = None  # bodies held at once, all requests together (None: 8 bodies)
+    header_timeout: float = 10.0  # seconds from connecting (or a next request's first byte) to its last header
+    idle_timeout: float = 5.0  # seconds a keep-alive connection may wait for its next request
+    max_header_bytes: int = 16 * 2**10  # request line and headers together
+    max_connections: int | None = None  # open at once; None: derived from the descriptor limit at start
     max_images_per_request: int = 4
     max_image_pixels: int = 16_000_000  # checked from the header, before decoding
     max_image_aspect_ratio: float = 100.0  # longer side / shorter side
@@ -41,19 +46,31 @@ class ServeConfig:
     retry_after: int = 2  # seconds, sent with 503
     shutdown_timeout: float = 30.0  # on SIGTERM: how long in-flight requests may take to finish
     media_workers: int = 16  # threads that fetch and decode images and videos, off the event loop
+    max_decoding_images: int | None = None  # images and videos decoded at once; None: media_workers // 4
     fetch: FetchPolicy = field(default_factory=server_fetch_policy)
 
     def __post_init__(self):
+        if self.max_buffered_body_bytes is None:
+            self.max_buffered_body_bytes = 8 * self.max_body_bytes
+        if self.max_decoding_images is None:
+            self.max_decoding_images = max(1, self.media_workers // 4)
         positive = {"max_body_bytes": self.max_body_bytes, "body_timeout": self.body_timeout,
                     "max_image_pixels": self.max_image_pixels, "retry_after": self.retry_after,
                     "media_workers": self.media_workers, "max_video_bytes": self.max_video_bytes,
-                    "max_video_seconds": self.max_video_seconds}
+                    "max_video_seconds": self.max_video_seconds, "header_timeout": self.header_timeout,
+                    "idle_timeout": self.idle_timeout, "max_header_bytes": self.max_header_bytes,
+                    "max_decoding_images": self.max_decoding_images}
         for name, value in positive.items():
             if not value > 0:  # (NaN too)
                 raise ValueError(f"ServeConfig.{name} must be positive, got {value}")
         if min(self.max_images_per_request, self.max_videos_per_request, self.max_queue, self.shutdown_timeout) < 0:
             raise ValueError("ServeConfig.max_images_per_request, max_videos_per_request, max_queue and "
                              "shutdown_timeout must be >= 0")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError(f"ServeConfig.max_connections must be positive, got {self.max_connections}")
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(f"ServeConfig.max_buffered_body_bytes ({self.max_buffered_body_bytes}) must be at least "
+                             f"max_body_bytes ({self.max_body_bytes}), or no body of the largest size is ever read")
         if self.max_image_aspect_ratio < 1:
             raise ValueError(f"ServeConfig.max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
         if self.api_key is not None and not self.api_key:

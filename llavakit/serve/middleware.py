@@ -1,8 +1,9 @@
 """Checks that run before any route: the API key, and the request body's size and arrival time.
 
 Plain ASGI rather than FastAPI dependencies, so that a refused request is answered before its body is
-read: an oversized upload is cut off at the limit instead of being parsed, and a client that sends its
-body slowly gets a 408 instead of holding a connection forever.
+read: an oversized upload is cut off at the limit instead of being parsed, a client that sends its body
+slowly gets a 408 instead of holding a connection forever, and the bodies held at once, all requests
+together, stay under a budget (more get 503), so that many large uploads at once cannot exhaust memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llavakit.serve.config import ServeConfig
-from llavakit.serve.errors import APIError
+from llavakit.serve.errors import APIError, overloaded
 
 PUBLIC_PATHS = ("/health", "/metrics")  # monitoring works without the API key
 request_log = logging.getLogger("llavakit.serve.requests")
@@ -72,23 +73,29 @@ class RequestLogMiddleware:
 
 
 class GuardMiddleware:
-    """API key check, then the body read whole under the size cap and the body timeout."""
+    """API key check, then the body read whole under the size cap, the body timeout and the budget of
+    bodies held at once; a body counts against the budget until its request's response has been sent."""
 
     def __init__(self, app: ASGIApp, cfg: ServeConfig):
         self.app, self.cfg = app, cfg
+        self.buffered = 0  # bytes of request bodies held now (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        held = [0]  # this request's share of self.buffered
         try:
-            self._check_key(scope)
-            self._check_length(scope)
-            body = await self._read_body(receive)
-        except APIError as e:
-            return await e.response()(scope, receive, send)
-        if body is None:  # the client left while sending
-            return
-        await self.app(scope, _replay(body, receive), send)
+            try:
+                self._check_key(scope)
+                self._check_length(scope)
+                body = await self._read_body(receive, held)
+            except APIError as e:
+                return await e.response()(scope, receive, send)
+            if body is None:  # the client left while sending
+                return
+            await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.buffered -= held[0]
 
     def _check_key(self, scope: Scope) -> None:
         if self.cfg.api_key is None or scope["path"] in PUBLIC_PATHS:
@@ -105,7 +112,7 @@ class GuardMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.cfg.max_body_bytes):
             raise self._too_large()
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive, held: list[int]) -> bytes | None:
         chunks, size = [], 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.body_timeout
@@ -121,6 +128,12 @@ class GuardMiddleware:
             size += len(chunk)
             if size > self.cfg.max_body_bytes:
                 raise self._too_large()
+            if self.buffered + len(chunk) > self.cfg.max_buffered_body_bytes:
+                raise overloaded(f"the server is receiving too many large requests at once (over "
+                                 f"{self.cfg.max_buffered_body_bytes // 2**20} MiB of bodies); retry after "
+                                 f"{self.cfg.retry_after} s", self.cfg.retry_after)
+            self.buffered += len(chunk)
+            held[0] += len(chunk)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

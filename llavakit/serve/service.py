@@ -5,15 +5,22 @@ aborting a request whose client went away.
 A request's life: `admit` (or 503) -> `prepare` on a worker thread (fetch, decode, tokenize) ->
 `sampling` (or 400 context_length_exceeded) -> `generate` (engine snapshots) -> released when done,
 failed or abandoned, whichever comes first.
+
+Decoding is what costs memory (a 16-megapixel image takes 100-150 MB while it is prepared), so at most
+`max_decoding_images` requests prepare their images or videos at once, each one image at a time, and the
+memory each one freed is handed back to the operating system when it is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,6 +45,40 @@ T = TypeVar("T")
 # overflows to inf, and a tiny top_p can filter out every token (float error in the cumulative sum), either
 # of which would fail the engine step and every request batched in it.
 _GREEDY_BELOW = 1e-5
+
+
+class DecodeSlots:
+    """At most `n` holders at once (a media worker waits for its turn). As each holder leaves, the memory
+    its pixels took is returned to the operating system: glibc keeps freed memory in the arena of the
+    thread that used it, so without this every media worker would keep a decode's worth, and the server's
+    RSS would stay at its peak after a burst."""
+
+    def __init__(self, n: int):
+        self._slots = threading.BoundedSemaphore(n)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        try:
+            with self._slots:
+                yield
+        finally:
+            _release_free_memory()
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # the process's own symbols, the C library's among them
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_free_memory() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class ClientDisconnected(Exception):
@@ -92,6 +133,7 @@ class Service:
         self.draining = False
         self._in_flight = 0
         self._pool = ThreadPoolExecutor(cfg.media_workers, thread_name_prefix="llavakit-media")
+        self.decode_slots = DecodeSlots(cfg.max_decoding_images)
         self.metrics = ServerMetrics(self.llm.stats, lambda: self._in_flight)
 
     # --- admission ---------------------------------------------------------------------------------------
@@ -127,7 +169,10 @@ class Service:
         if len(sources) > self.cfg.max_images_per_request:
             raise bad_request(f"the request has {len(sources)} images; at most {self.cfg.max_images_per_request} "
                               "are allowed per request", param, "too_many_images")
-        return prepare_images(sources, self.processor, self.image_limits, param)
+        if not sources:
+            return []
+        with self.decode_slots.hold():
+            return prepare_images(sources, self.processor, self.image_limits, param)
 
     def check_videos(self, count: int, param: str) -> None:
         """Refuse, before admission and before any fetch, videos this model cannot take or too many of them."""
@@ -141,7 +186,10 @@ class Service:
 
     def load_videos(self, sources: list[str], param: str) -> list[PreparedVideo]:
         self.check_videos(len(sources), param)
-        return prepare_videos(sources, self.processor, self.video_settings, param)
+        if not sources:
+            return []
+        with self.decode_slots.hold():
+            return prepare_videos(sources, self.processor, self.video_settings, param)
 
     def inputs(self, text: str, images: list[PreparedImage] = (), videos: list[PreparedVideo] = ()) -> PromptInputs:
         """The request's PromptInputs from the text the template rendered (`prompts`), with the template's stop

@@ -107,6 +107,22 @@ def test_transparent_pixels_become_white():
     assert np.all(np.asarray(img)[:3] == 255)
 
 
+def test_pad_shrinks_a_very_long_image_before_padding_it(monkeypatch):
+    """A 4100 x 200 image would pad to 4100² pixels: it is halved first (box filter), so the square has at most
+    PAD_MAX_SIDE² pixels, and the pixels stay within a few levels of transformers' full-size padding."""
+    from llavakit.processing import image as image_module
+
+    y, x = np.mgrid[0:200, 0:4100]
+    img = Image.fromarray(np.stack([x * 255 // 4099, y * 255 // 199, (x + y) % 256], -1).astype(np.uint8))
+    squares = []
+    real = image_module.expand2square
+    monkeypatch.setattr(image_module, "expand2square", lambda im, fill: squares.append(im.size) or real(im, fill))
+    ours, size = preprocess(img, ImageConfig(mode="pad", size=336, crop_size=336))
+    assert size == (200, 4100) and squares == [(2050, 100)] and max(squares[0]) <= image_module.PAD_MAX_SIDE
+    ref = hf_pixels(LlavaImageProcessorPil(do_pad=True, **hf_kwargs(336)), img)
+    assert (ours - torch.from_numpy(ref)).abs().max() < 0.05  # normalized units: about 2 of 255 levels
+
+
 def test_expand2square_centers_on_fill():
     img = Image.new("RGB", (5, 2), (10, 20, 30))
     sq = np.asarray(expand2square(img, (122, 116, 104)))

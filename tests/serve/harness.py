@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import resource
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -160,3 +164,59 @@ def drip(h: BaseHTTPRequestHandler) -> None:
 
 
 GOOD_PNG = png_bytes(noise_image(40, 30, seed=3))
+
+
+# --- `llavakit serve` in its own process, and raw sockets -------------------------------------------------------
+
+
+class ServeProcess:
+    """`llavakit serve` on the tiny checkpoint, on a free 127.0.0.1 port, in a subprocess (for limits that
+    are per process: descriptors, memory). `fd_limit`: its soft and hard limits on open files, set as it
+    starts (long before it serves: loading the model takes seconds)."""
+
+    def __init__(self, checkpoint, *flags: str, fd_limit: int | None = None):
+        sock = free_socket()
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "llavakit", "serve", "--model", str(checkpoint), "--port", str(self.port),
+                     "--device", "cpu", "--dtype", "float32", "--served-model-name", "tiny", "--log-level", "warning",
+                     *flags]
+        self.fd_limit = fd_limit
+
+    def __enter__(self):
+        self.proc = subprocess.Popen(self.args, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if self.fd_limit is not None:
+            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (self.fd_limit, self.fd_limit))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the server did not come up")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.proc.stderr.close()
+
+
+def read_reply(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read until the server closes: the status, headers (lower-case names) and body of its one reply
+    (status 0 and an empty body if it closed without one)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    if not data:
+        return 0, {}, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    return int(status_line.split()[1]), headers, body
