@@ -9,6 +9,8 @@ APIError 400 whose message names the image by its position in the request and sa
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from PIL import Image
@@ -30,19 +32,35 @@ class ImageLimits:
 
 
 def prepare_images(sources: list[str], processor: PromptProcessor, limits: ImageLimits,
-                   param: str = "messages") -> list[PreparedImage]:
-    """Fetch, check, decode and preprocess each image URL (http(s), data:, or file:// where allowed)."""
-    return [_prepare_one(source, i + 1, processor, limits, param) for i, source in enumerate(sources)]
+                   param: str = "messages", decode_slot: Callable[[], AbstractContextManager] = nullcontext
+                   ) -> list[PreparedImage]:
+    """Fetch, check, decode and preprocess each image URL (http(s), data:, or file:// where allowed). What
+    costs memory (a data: URL's bytes, decoding, preprocessing) happens inside `decode_slot()`; a download,
+    which waits on the network, does not, so a slow image host holds up no other request's decoding."""
+    return [_prepare_one(source, i + 1, processor, limits, param, decode_slot) for i, source in enumerate(sources)]
 
 
-def _prepare_one(source: str, number: int, processor: PromptProcessor, limits: ImageLimits,
-                 param: str) -> PreparedImage:
+def _prepare_one(source: str, number: int, processor: PromptProcessor, limits: ImageLimits, param: str,
+                 decode_slot: Callable[[], AbstractContextManager]) -> PreparedImage:
     name = f"image {number}"
+    if source.startswith("data:"):
+        with decode_slot():
+            return _decode(_read(source, name, limits, param), name, processor, limits, param)
+    data = _read(source, name, limits, param)
+    with decode_slot():
+        return _decode(data, name, processor, limits, param)
+
+
+def _read(source: str, name: str, limits: ImageLimits, param: str) -> bytes:
     try:
         data = read_source(source, limits.policy)
     except MediaError as e:
         raise bad_request(f"{name}: {e.client}", param, "invalid_image_url") from None
     check_header(data, name, limits, param)
+    return data
+
+
+def _decode(data: bytes, name: str, processor: PromptProcessor, limits: ImageLimits, param: str) -> PreparedImage:
     try:
         image = load_image(data, max_pixels=limits.max_pixels)
         return processor.prepare_images([image])[0]

@@ -171,8 +171,7 @@ class Service:
                               "are allowed per request", param, "too_many_images")
         if not sources:
             return []
-        with self.decode_slots.hold():
-            return prepare_images(sources, self.processor, self.image_limits, param)
+        return prepare_images(sources, self.processor, self.image_limits, param, self.decode_slots.hold)
 
     def check_videos(self, count: int, param: str) -> None:
         """Refuse, before admission and before any fetch, videos this model cannot take or too many of them."""

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .harness import ServeProcess, data_url, start_server
+from llavakit.serve.config import server_fetch_policy
+
+from .harness import GOOD_PNG, ServeProcess, data_url, start_server
 
 SIDE, IMAGES, REQUESTS, SLOTS = 4000, 4, 8, 2  # the red team's burst: 8 requests of four 16-megapixel images
 MiB = 2**20
@@ -108,3 +110,25 @@ def test_request_bodies_held_at_once_stay_under_the_budget(pipe):
         time.sleep(0.3)  # the server has seen the first client leave
         after = httpx.post(srv.url + "/v1/chat/completions", json=second, timeout=30)
         assert after.status_code == 400 and after.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_a_slow_download_holds_no_decoding_turn(pipe, media_server):
+    """With one decoding turn, a request whose image URL drips (until the 1.5 s fetch timeout) does not hold up
+    another request's decode: the turn is taken after the download, around decoding only."""
+    fetch = server_fetch_policy(256 * 1024, total_timeout=1.5, connect_timeout=1.0,
+                                trusted_hosts=(f"127.0.0.1:{media_server.port}",))
+    with start_server(pipe, model_name="tiny", max_decoding_images=1, fetch=fetch) as srv:
+
+        async def both():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=30) as http:
+                slow = asyncio.create_task(http.post("/v1/chat/completions",
+                                                     json=chat([f"{media_server.url}/slow.png"])))
+                await asyncio.sleep(0.3)  # the slow download is under way
+                start = time.monotonic()
+                fast = await http.post("/v1/chat/completions", json=chat([data_url(GOOD_PNG)]))
+                took = time.monotonic() - start
+                return await slow, fast, took
+
+        slow, fast, took = asyncio.run(both())
+    assert slow.status_code == 400 and fast.status_code == 200, (slow.text, fast.text)
+    assert took < 1.0, f"the second request waited {took:.2f} s for the slow download's turn"
