@@ -54,7 +54,7 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media:
                     params: SamplingParams, timings: Timings | None = None) -> Iterator[int]:
     """Sampled token ids, one per step; stops after params.max_tokens or at the context limit. `media`:
     the prompt's images and videos in the order their placeholder runs appear in `ids`."""
-    cfg, device = model.cfg.text, model.lm_head.weight.device
+    cfg, device = model.cfg.text, model.device
     timings = timings if timings is not None else Timings()
     limit = cfg.context_length
     if len(ids) >= limit:
@@ -62,7 +62,7 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media:
                          "shorten the text or use fewer / smaller images (or fewer video frames)")
     max_len = min(len(ids) + params.max_tokens, limit)
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim,
-                    model.lm_head.weight.dtype, device)
+                    model.dtype, device)
     t0 = _now(device)
     feats = model.encode_media([m.pixel_values.to(device) for m in media], [m.size for m in media]) if media else None
     t1 = _now(device)

@@ -38,7 +38,7 @@ class DecodeGraphs:
         self.block_size, self.trash_block = block_size, trash_block
         self.buckets = buckets_up_to(max_batch)
         self.max_batch = max_batch
-        dev = model.lm_head.weight.device
+        dev = model.device
         # rows: token id, position, KV slot, context length; padding rows point at the trash block
         self.rows = torch.zeros(4, max_batch, dtype=torch.long, device=dev)
         self.rows[2] = trash_block * block_size

@@ -25,7 +25,7 @@ from llavakit.processing.prompt import Media, PreparedVideo
 def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int:
     """Bytes one KV block takes over all layers (keys and values)."""
     t = model.cfg.text
-    per_token = t.num_key_value_heads * t.head_dim * model.lm_head.weight.element_size()
+    per_token = t.num_key_value_heads * t.head_dim * model.dtype.itemsize
     return 2 * t.num_hidden_layers * block_size * per_token
 
 
@@ -46,7 +46,7 @@ def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_m
     if cfg.num_kv_blocks:
         return cfg.num_kv_blocks
     per_block = kv_block_bytes(model, cfg.block_size)
-    device = model.lm_head.weight.device
+    device = model.device
     if cfg.kv_cache_memory:
         blocks = cfg.kv_cache_memory // per_block
     elif device.type == "cuda":
@@ -79,7 +79,7 @@ class ModelRunner:
                  max_model_len: int | None = None):
         self.model, self.cfg = model, cfg
         t = model.cfg.text
-        self.device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        self.device, dtype = model.device, model.dtype
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         # One spare block past the block manager's range: CUDA-graph padding rows write their KV there.
         self.trash_block = num_blocks

@@ -214,11 +214,11 @@ def hf_twin(pipe):
     from llavakit.weights.save import TO_LLAVA_HF, hf_config_dict
 
     model = pipe.model
-    dtype = model.lm_head.weight.dtype
+    dtype = model.dtype
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(hf_config_dict(pipe.config, dtype=dtype)))
         config = AutoConfig.from_pretrained(tmp)
-    with torch.device(model.lm_head.weight.device):
+    with torch.device(model.device):
         hf = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     wanted = set(hf.state_dict())
     # hub names -> the module names of this transformers version (4.x: the hub names; 5.x: model.*)

@@ -6,6 +6,8 @@ that already hold image features.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -30,14 +32,14 @@ class LlamaAttention(nn.Module):
         self.v_proj = linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias, tp_style="column")
         self.o_proj = linear(h * d, cfg.hidden_size, bias=cfg.attention_bias, tp_style="row")
         self.attn = Attention(h, hk, d, cfg.sliding_window)
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse_projections
+        self.qkv_weight: torch.Tensor | FusedProduct | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: tuple[torch.Tensor, torch.Tensor] | None, meta: AttentionMetadata) -> torch.Tensor:
         b, t, _ = x.shape
         if self.qkv_weight is not None and not torch.is_grad_enabled():  # one product for the three
             hd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = F.linear(x, self.qkv_weight).split([hd, kd, kd], dim=-1)
+            q, k, v = _fused_product(x, self.qkv_weight).split([hd, kd, kd], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, t, self.num_heads, self.head_dim)  # (B, T, H, D)
@@ -55,11 +57,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, tp_style="column")
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, tp_style="row")
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse_projections
+        self.gate_up_weight: torch.Tensor | FusedProduct | None = None  # set by fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = _fused_product(x, self.gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(silu_and_mul(gate, up))
         return self.down_proj(silu_and_mul(self.gate_proj(x), self.up_proj(x)))
 
@@ -80,9 +82,10 @@ class LlamaDecoderLayer(nn.Module):
 def fuse_projections(model: "LlamaModel") -> int:
     """For inference: store each layer's q/k/v weights, and its gate/up weights, as one tensor, so each
     group runs as one matrix product (one weight read, one launch). The Linear modules keep their weights
-    as views into the fused tensor, so memory, names and state_dict stay as they were. Only plain,
-    bias-free Linear layers of one dtype are fused (quantized or LoRA-wrapped ones are left alone).
-    Returns the number of groups fused."""
+    as views into the fused tensor, so memory, names and state_dict stay as they were. Plain, bias-free
+    Linear layers of one dtype are fused here; a group of another layer type is fused by that type's
+    `fuse(layers)` when it has one (quantized layers do: they return a FusedProduct, or None when they
+    cannot), else left alone (LoRA-wrapped ones). Returns the number of groups fused."""
     fused = 0
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -91,11 +94,36 @@ def fuse_projections(model: "LlamaModel") -> int:
         for owner, attr, linears in groups:
             if getattr(owner, attr) is not None:  # fused by an earlier engine on this model
                 continue
-            if all(type(m) is Linear and m.bias is None for m in linears) and \
+            kinds = {type(m) for m in linears}
+            kind = kinds.pop() if len(kinds) == 1 else None
+            product = None
+            if kind is Linear and all(m.bias is None for m in linears) and \
                     len({m.weight.dtype for m in linears}) == 1:
-                setattr(owner, attr, _fuse(linears))
+                product = _fuse(linears)
+            elif kind is not None and hasattr(kind, "fuse"):
+                product = kind.fuse(linears)
+            if product is not None:
+                setattr(owner, attr, product)
                 fused += 1
     return fused
+
+
+def unfuse_projections(model: "LlamaModel") -> None:
+    """Drop the fused q/k/v and gate/up products, e.g. before a transform replaces the Linear layers (the
+    layers keep their weights; a later `fuse_projections` fuses the new ones)."""
+    for layer in model.layers:
+        layer.self_attn.qkv_weight = None
+        layer.mlp.gate_up_weight = None
+
+
+def _fused_product(x: torch.Tensor, fused: "torch.Tensor | FusedProduct") -> torch.Tensor:
+    return F.linear(x, fused) if isinstance(fused, torch.Tensor) else fused(x)
+
+
+class FusedProduct(Protocol):
+    """A fused group's matrix product for layer types that do not store a plain weight (quantized ones)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 @torch.no_grad()

@@ -37,6 +37,16 @@ class LlavaForConditionalGeneration(nn.Module):
         if cfg.patch_merge_type == "spatial_unpad":
             self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (the embeddings' device: the LM head may be quantized, and have no `.weight`)."""
+        return self.language_model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (that of the embeddings, which quantization never changes)."""
+        return self.language_model.embed_tokens.weight.dtype
+
     def encode_images(self, pixel_values: list[torch.Tensor], image_sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
         """Per image: pixel values (tiles, C, S, S) and original (height, width) -> features (tokens, D).
 

@@ -1,0 +1,109 @@
+"""QuantLinear: a Linear whose weight is stored packed in the compressed-tensors format.
+
+Its buffers carry the compressed-tensors names (`<module>.weight_packed`, `.weight_scale`, `.weight_shape`), so a
+state_dict is a compressed-tensors checkpoint and a checkpoint loads into it by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llavakit.layers.linear import TP_STYLES, Linear
+from llavakit.quant.config import QuantConfig
+from llavakit.quant.formats import SUFFIXES, dequantize_weight, packed_shapes, quantize_weight
+from llavakit.quant.kernels import quant_linear
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized Linear; forward takes and returns x's float dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, tp_style: str,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        assert tp_style in TP_STYLES, tp_style
+        super().__init__()
+        self.in_features, self.out_features, self.cfg, self.tp_style = in_features, out_features, cfg, tp_style
+        if in_features % (cfg.group_size or 8):
+            raise ValueError(f"a {cfg.method} layer needs input features divisible by {cfg.group_size or 8}, got "
+                             f"{in_features}; choose a group size that divides {in_features} or keep it in float")
+        shapes = packed_shapes(out_features, in_features, cfg)
+        self.register_buffer("weight_packed", torch.empty(shapes["weight_packed"], dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=dtype, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, tp_style: str,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """A QuantLinear whose buffers the loader fills (uninitialised; on `device`, "meta" included)."""
+        return cls(in_features, out_features, bias, cfg, tp_style, device, dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: Linear | nn.Linear, cfg: QuantConfig) -> QuantLinear:
+        """Quantize a float Linear (scales keep its dtype)."""
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg,
+                getattr(linear, "tp_style", "replicated"), w.device, w.dtype)
+        q.load_packed(quantize_weight(w.detach(), cfg))
+        if linear.bias is not None:
+            q.bias.copy_(linear.bias)
+        return q
+
+    @torch.no_grad()
+    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy compressed-tensors tensors (keyed by suffix) into the buffers, checking their shapes."""
+        for name in SUFFIXES:
+            buf, t = getattr(self, name), tensors[name]
+            if tuple(buf.shape) != tuple(t.shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(buf.shape)} for a "
+                                 f"{self.out_features}x{self.in_features} {self.cfg.method} layer")
+            buf.copy_(t)
+
+    def packed(self) -> dict[str, torch.Tensor]:
+        """The compressed-tensors tensors, keyed by suffix."""
+        return {name: getattr(self, name) for name in SUFFIXES}
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight (out, in) these buffers stand for."""
+        return dequantize_weight(self.packed(), self.cfg, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.weight_packed, self.weight_scale, self.bias, self.cfg)
+
+    @staticmethod
+    @torch.no_grad()
+    def fuse(layers: list[QuantLinear]) -> FusedQuantProduct | None:
+        """For `fuse_projections`: concatenate the layers' packed weights and scales along the output dimension
+        into one product, the layers keeping views into it (memory and state_dict unchanged). None when the
+        layers differ in method, input size or scale dtype, or have a bias."""
+        first = layers[0]
+        if any(m.bias is not None or m.cfg != first.cfg or m.in_features != first.in_features
+               or m.weight_scale.dtype != first.weight_scale.dtype for m in layers):
+            return None
+        packed = torch.cat([m.weight_packed for m in layers])
+        scale = torch.cat([m.weight_scale for m in layers])
+        start = 0
+        for m in layers:
+            n = m.out_features
+            m.weight_packed, m.weight_scale = packed[start:start + n], scale[start:start + n]
+            start += n
+        return FusedQuantProduct(packed, scale, first.cfg)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.method}, "
+                f"group_size={self.cfg.group_size}, bias={self.bias is not None}, tp_style={self.tp_style}")
+
+
+@dataclass(frozen=True)
+class FusedQuantProduct:
+    """The product of several QuantLinears fused along the output dimension (see `QuantLinear.fuse`)."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    cfg: QuantConfig
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.packed, self.scale, None, self.cfg)
