@@ -28,9 +28,9 @@ class LLM:
 
     Keywords are `EngineConfig` fields (max_model_len, max_num_seqs, num_kv_blocks, ...; enforce_eager=True is
     cuda_graphs=False) or `llavakit.load`'s: vision_tower, conv_mode, revision, load_format, tokenizer,
-    num_frames, fetch_policy and image_aspect_ratio ("pad": LLaVA-1.5's expand2square, what it was trained and
-    evaluated with; "crop": what transformers' llava-hf processor does; "anyres": LLaVA-NeXT tiling; default
-    None: what the checkpoint's files say).
+    num_frames, fetch_policy, quantization ("w8a16", "w4a16" or a QuantConfig) and image_aspect_ratio
+    ("pad": LLaVA-1.5's expand2square, what it was trained and evaluated with; "crop": what transformers'
+    llava-hf processor does; "anyres": LLaVA-NeXT tiling; default None: what the checkpoint's files say).
     """
 
     def __init__(self, model: str = "demo", dtype: str = "auto", device: str = "auto", *,

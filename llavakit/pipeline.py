@@ -22,6 +22,7 @@ from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.conversation import get_template
 from llavakit.processing.media import FetchPolicy
 from llavakit.processing.prompt import PromptInputs, PromptProcessor, default_template_name
+from llavakit.quant.config import QuantConfig
 from llavakit.sampling import SamplingParams
 from llavakit.weights.hub import resolve_model_dir
 from llavakit.weights.loader import load_llava
@@ -62,7 +63,7 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
          *, vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
          fetch_policy: FetchPolicy | None = None, load_format: str = "auto",
          tokenizer: str | Path | None = None, num_frames: int | None = None,
-         image_aspect_ratio: str | None = None) -> "Pipeline":
+         image_aspect_ratio: str | None = None, quantization: str | QuantConfig | None = None) -> "Pipeline":
     """Load a LLaVA checkpoint (directory, hub id, alias, or "demo": the built-in model) in any layout.
 
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
@@ -77,19 +78,24 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
     processor, so they crop unless told), "crop" what transformers' llava-hf processor does, "anyres"
     LLaVA-NeXT tiling (NeXT checkpoints only). pad / crop on a NeXT checkpoint give one view + image_newline
     instead of tiles (see llavakit.config.with_image_aspect_ratio).
+    quantization: "w8a16" (int8 weights, one scale per output channel), "w4a16" (int4, one scale per 128
+    inputs) or a QuantConfig (group size, LM head): the language model's Linear layers are quantized as they
+    are read, so peak memory is the quantized model plus one float layer. A compressed-tensors checkpoint
+    (`llavakit convert --quantization`) loads quantized without it.
     """
+    quant = QuantConfig.parse(quantization)
     if load_format == "dummy":
-        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames, image_aspect_ratio)
+        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames, image_aspect_ratio, quant)
     directory = resolve_model_dir(model, revision)
     processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy,
                                num_frames=num_frames, image_aspect_ratio=image_aspect_ratio)
     dev = resolve_device(device)
-    net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev)
+    net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev, quantization=quant)
     return Pipeline(net, processor)
 
 
 def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames,
-                image_aspect_ratio: str | None = None) -> "Pipeline":
+                image_aspect_ratio: str | None = None, quantization: QuantConfig | None = None) -> "Pipeline":
     from llavakit.presets import preset_config, preset_tokenizer_dir
     from llavakit.weights.loader import random_llava
 
@@ -102,7 +108,8 @@ def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames
     dev = resolve_device(device)
     tok = load_tokenizer(Path(tokenizer_dir))
     template = get_template(conv_mode or default_template_name(cfg, tok))
-    return Pipeline(random_llava(cfg, resolve_dtype(dtype, dev), dev), PromptProcessor(cfg, tok, template))
+    net = random_llava(cfg, resolve_dtype(dtype, dev), dev, quantization=quantization)
+    return Pipeline(net, PromptProcessor(cfg, tok, template))
 
 
 def load_processor(directory: Path, *, vision_tower: str | Path | None = None, conv_mode: str | None = None,

@@ -12,6 +12,7 @@ from llavakit import __version__
 from llavakit.cli import (
     bench,
     chat,
+    convert,
     demo,
     evaluation,
     generate,
@@ -32,12 +33,13 @@ EPILOG = """examples:
   llavakit prompt --model llava-1.5-7b "What is in the picture?"
   llavakit train --stage lora --model llava-1.5-7b --data-path data.json --image-folder imgs/ --output-dir out
   llavakit merge-lora --base llava-1.5-7b --lora out/final --out merged/
+  llavakit convert --model llava-1.5-7b --out llava-1.5-7b-w4a16 --quantization w4a16
   llavakit serve --model llava-1.5-7b --port 8000
 """
 
 SUBCOMMANDS = {"chat": chat, "generate": generate, "predict": predict, "prompt": prompt, "train": train,
-               "merge-lora": merge_lora, "demo": demo, "bench": bench, "eval": evaluation, "ground": ground,
-               "serve": serve, "random-checkpoint": random_checkpoint}
+               "merge-lora": merge_lora, "convert": convert, "demo": demo, "bench": bench, "eval": evaluation,
+               "ground": ground, "serve": serve, "random-checkpoint": random_checkpoint}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ Every shape is warmed up untimed first and every request has its own image (see 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -12,7 +13,15 @@ import platform
 import sys
 from pathlib import Path
 
-from llavakit.cli.common import add_image_aspect_ratio_flag, add_threads_flag, number, set_threads
+from llavakit.cli.common import (
+    UsageError,
+    add_image_aspect_ratio_flag,
+    add_quantization_flags,
+    add_threads_flag,
+    number,
+    quantization_arg,
+    set_threads,
+)
 
 HELP = "measure serving speed (batch 1..10 x 256 tokens, offline throughput) against transformers"
 EXAMPLE = """examples:
@@ -30,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                        "shipped with llavakit, for presets with a LLaMA vocabulary)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    add_quantization_flags(p)
     add_image_aspect_ratio_flag(p)
     add_threads_flag(p)
     p.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10",
@@ -51,9 +61,13 @@ def run(args: argparse.Namespace) -> int:
     import llavakit
     from llavakit.eval import bench
 
+    quantization = quantization_arg(args)  # usage errors before the model loads
+    if quantization is not None and args.compare_transformers:
+        raise UsageError("--compare-transformers runs transformers on the same float weights; drop --quantization")
     threads = set_threads(args)
     pipe = llavakit.load(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                         tokenizer=args.tokenizer, image_aspect_ratio=args.image_aspect_ratio)
+                         tokenizer=args.tokenizer, image_aspect_ratio=args.image_aspect_ratio,
+                         quantization=quantization)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     hf = _transformers(pipe, args) if args.compare_transformers else None  # before the engine sizes its cache
     engine = bench.engine_for(pipe, max_num_seqs=max(args.requests, *sizes),  # every run fits at once
@@ -63,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
                             distinct_images=args.distinct_images, hf=hf,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
     cpus = os.cpu_count()
-    report = {"model": str(args.model), "device": str(pipe.device), "dtype": str(pipe.model.lm_head.weight.dtype),
+    report = {"model": str(args.model), "device": str(pipe.device), "dtype": str(pipe.model.dtype),
+              "quantization": None if quantization is None else dataclasses.asdict(quantization),
               "date": datetime.date.today().isoformat(), "host": platform.processor() or platform.machine(),
               "machine": f"{cpus}-core CPU {_cpu_name()}".strip(), "cpu_count": cpus, "threads": threads,
               "protocol": bench.protocol_name(sizes, args.output_tokens), "output_tokens": args.output_tokens,
@@ -94,7 +109,7 @@ def _transformers(pipe, args):
         return bench.hf_twin(pipe)
     from transformers import AutoModelForImageTextToText
 
-    hf = AutoModelForImageTextToText.from_pretrained(pipe.config.name_or_path, dtype=pipe.model.lm_head.weight.dtype)
+    hf = AutoModelForImageTextToText.from_pretrained(pipe.config.name_or_path, dtype=pipe.model.dtype)
     return hf.to(pipe.device).eval()
 
 

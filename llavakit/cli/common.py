@@ -47,7 +47,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_model_flags(p: argparse.ArgumentParser, required: bool = True, quantization: bool = True) -> None:
+    """--model and how it loads; `quantization`: also the quantization flags (commands that load weights)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-path", dest="model", required=required, metavar="M",
                    help="checkpoint directory, hub id (org/name) or alias such as llava-1.5-7b"
@@ -60,8 +61,42 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights and compute dtype (auto: float16 on CUDA, float32 on CPU)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    if quantization:
+        add_quantization_flags(g)
     add_image_aspect_ratio_flag(g)
     add_threads_flag(g)
+
+
+QUANTIZATION_METHODS = ("w8a16", "w4a16")  # llavakit.quant.METHODS, without importing torch to build the parser
+
+
+def add_quantization_flags(g) -> None:
+    """--quantization, --group-size, --quantize-lm-head: weight-only quantization of the language model."""
+    g.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS,
+                   help="quantize the language model's weights as they load: w8a16 (int8, one scale per output "
+                        "channel) or w4a16 (int4, one scale per --group-size inputs); the vision tower and "
+                        "projector stay in float. A compressed-tensors checkpoint is quantized already: no flag")
+    g.add_argument("--group-size", type=number(int, 8), metavar="N",
+                   help="inputs sharing one scale (a multiple of 8 that divides the layers' widths; default: 128 "
+                        "for w4a16, per output channel for w8a16)")
+    g.add_argument("--quantize-lm-head", action="store_true",
+                   help="quantize the LM head too (default: it stays in float, like the embeddings)")
+
+
+def quantization_arg(args: argparse.Namespace):
+    """The QuantConfig the quantization flags ask for (None: float); --group-size or --quantize-lm-head without
+    --quantization is a usage error."""
+    method = getattr(args, "quantization", None)
+    if method is None:
+        if getattr(args, "group_size", None) is not None or getattr(args, "quantize_lm_head", False):
+            raise UsageError("--group-size and --quantize-lm-head need --quantization w8a16 or w4a16")
+        return None
+    from llavakit.quant.config import QuantConfig
+
+    try:
+        return QuantConfig(method, args.group_size, args.quantize_lm_head)
+    except ValueError as e:
+        raise UsageError(f"--group-size: {e}") from None
 
 
 def add_image_aspect_ratio_flag(g) -> None:
@@ -163,11 +198,13 @@ def load_pipeline(args: argparse.Namespace):
     from llavakit.weights.hub import resolve_alias
 
     name = resolve_alias(args.model)
+    quantization = quantization_arg(args)  # a usage error before anything loads
     set_threads(args)
     print(f"loading {'the demo model' if args.model in (None, 'demo') else name} ...", file=sys.stderr, flush=True)
     return llavakit.load(name, dtype=args.dtype, device=args.device, vision_tower=args.vision_tower,
                          conv_mode=template_override(args), revision=args.revision, fetch_policy=FetchPolicy(),
-                         num_frames=getattr(args, "video_frames", None), image_aspect_ratio=args.image_aspect_ratio)
+                         num_frames=getattr(args, "video_frames", None), image_aspect_ratio=args.image_aspect_ratio,
+                         quantization=quantization)
 
 
 def template_override(args: argparse.Namespace) -> str | None:

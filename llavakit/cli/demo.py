@@ -7,11 +7,20 @@ import sys
 from pathlib import Path
 
 from llavakit.cli.checks import check_output
-from llavakit.cli.common import HelpFormatter, UsageError, add_threads_flag, number, set_threads
+from llavakit.cli.common import (
+    HelpFormatter,
+    UsageError,
+    add_quantization_flags,
+    add_threads_flag,
+    number,
+    quantization_arg,
+    set_threads,
+)
 
 HELP = "the built-in demo model: train it (about 290 minutes on 2 CPU cores) or evaluate it"
 EXAMPLE = """examples:
   llavakit demo eval                           # grade the shipped demo model on 500 held-out scenes
+  llavakit demo eval --quantization w8a16      # ... with its language model in int8
   llavakit demo train --workdir /tmp/demo      # the whole recipe: vision stage, language stages, evaluation
   llavakit demo train --workdir /tmp/demo --install   # ... and make the result the built-in model
   llavakit demo train --workdir /tmp/demo --resume    # go on with a run that was stopped
@@ -58,6 +67,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--scenes", type=number(int, 1), default=500, help="held-out scenes to grade")
     p.add_argument("--any-canvas", action="store_true", help="scenes on canvases of any size and aspect "
                    "(long side 96-320 pixels, up to 1.8:1), not only the nine sizes of the standard grade")
+    add_quantization_flags(p)
 
 
 def _add_scene_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
         import llavakit
         from llavakit.demo.evaluate import evaluate
 
-        report = evaluate(llavakit.load(args.model, dtype="float32", device="cpu"), n=args.scenes,
-                          any_canvas=args.any_canvas)
+        pipe = llavakit.load(args.model, dtype="float32", device="cpu", quantization=quantization_arg(args))
+        report = evaluate(pipe, n=args.scenes, any_canvas=args.any_canvas)
         print(report.table())
         return 0 if report.passed() else 1
     if args.action == "export":

@@ -20,7 +20,7 @@ EXAMPLE = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_flags(p, required=False)
+    add_model_flags(p, required=False, quantization=False)
     p.add_argument("question", help="the user's question")
     p.add_argument("--image", "--image-file", dest="images", action="append", default=[], metavar="PATH_OR_URL",
                    help="image (its size decides the AnyRes token count); default: one square image")

@@ -3,7 +3,9 @@
 No parameter is ever allocated twice: the model starts without storage, and each checkpoint tensor
 (memory-mapped from its file) is converted to the target dtype/device and becomes the parameter.
 A parameter may carry a `weight_loader(param, tensor) -> tensor` (tensor parallelism slices there);
-the default only checks the shape.
+the default only checks the shape. With a QuantConfig the language model's Linear layers are built empty
+and quantized (weights.quantized) as each float weight is read; a compressed-tensors checkpoint's packed
+tensors fill them by name, with no flag.
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ from llavakit.checkpoint_config import vision_tower_missing_message
 from llavakit.config import LlavaConfig
 from llavakit.layers.rotary import RotaryEmbedding
 from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.quant.config import QuantConfig
+from llavakit.quant.quantize import quantize_skeleton
 from llavakit.weights.files import WeightsError, find_weight_files, iter_tensors
 from llavakit.weights.name_maps import LAYOUTS, detect_layout, is_unused, map_name
+from llavakit.weights.quantized import (
+    buffer_names,
+    checkpoint_quantization,
+    choose_quantization,
+    fill_quantized,
+    quantized_owner,
+)
 
 _LIST_LIMIT = 12
 
@@ -31,31 +42,37 @@ def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor) -> torch.Te
     return tensor
 
 
-def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype,
-               device: torch.device) -> LlavaForConditionalGeneration:
-    """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed)."""
+def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: torch.device,
+               quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
+    """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed),
+    quantized as it loads when `quantization` is given or the checkpoint is a compressed-tensors one."""
     sources = [(directory, cfg.layout)]
     if cfg.vision_tower_dir:
         sources.append((Path(cfg.vision_tower_dir), "clip"))
-    return load_parts(cfg, sources, dtype, device).eval()
+    quantization = choose_quantization(quantization, checkpoint_quantization(directory))
+    return load_parts(cfg, sources, dtype, device, quantization=quantization).eval()
 
 
 def load_parts(cfg: LlavaConfig, sources: list[tuple[Path, str]], dtype: torch.dtype, device: torch.device,
-               init_missing: tuple[str, ...] = (), loaders: dict | None = None) -> LlavaForConditionalGeneration:
+               init_missing: tuple[str, ...] = (), loaders: dict | None = None,
+               quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
     """Build `cfg`'s model on the meta device and fill it from (directory, layout) sources in order (the
     first source to supply a tensor wins). Parameters whose names start with `init_missing` may be
     absent: they get their module's fresh initialization. `loaders` maps parameter names to
-    `weight_loader(param, tensor) -> tensor` functions (e.g. to resize an embedding)."""
+    `weight_loader(param, tensor) -> tensor` functions (e.g. to resize an embedding). `quantization`:
+    quantize the language model's Linear layers as their weights are read."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
+        if quantization is not None:
+            quantize_skeleton(model, quantization)
     for name, fn in (loaders or {}).items():
         model.get_parameter(name).weight_loader = fn
     opened = [_source(d, layout) for d, layout in sources]
     if not any(_maps_to_tower(entries, rules) for _, entries, rules in opened):
         raise WeightsError(vision_tower_missing_message(cfg.vision_tower_name))
     loaded = _fill(model, opened, cfg, dtype, device)
-    if cfg.text.tie_word_embeddings:  # the embedding was replaced: point the head at the new tensor
-        model.lm_head.weight = model.language_model.embed_tokens.weight
+    if cfg.text.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # (a quantized head is its own)
+        model.lm_head.weight = model.language_model.embed_tokens.weight  # the embedding was replaced: re-point
     _init_fresh(model, loaded, init_missing, dtype, device)
     _check_complete(model, loaded | _fresh_names(model, loaded, init_missing), cfg)
     _materialize_buffers(model, device)
@@ -100,6 +117,7 @@ def _maps_to_tower(entries, rules) -> bool:
 
 def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str]:
     params = dict(model.named_parameters())
+    buffers = set(buffer_names(model))
     built = len(model.vision_tower.encoder.layers)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -112,12 +130,15 @@ def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str
                 continue
             if target is None or target in loaded or is_unused(target, built):
                 continue
-            if target not in params:
-                if target == "lm_head.weight" and cfg.text.tie_word_embeddings:
-                    continue
+            quantized = quantized_owner(model, target) if target not in params else None
+            if quantized is not None:  # a float weight of a layer quantized on load
+                owner = target.rpartition(".")[0]
+                loaded.update(f"{owner}.{n}" for n in _set_quantized(quantized, target, get(), dtype, device))
+            elif target in params or target in buffers:
+                _set_param(model, target, params.get(target), get(), dtype, device)
+            elif not (target == "lm_head.weight" and cfg.text.tie_word_embeddings):
                 unexpected.append(name)
                 continue
-            _set_param(model, target, params[target], get(), dtype, device)
             loaded.add(target)
     if unexpected:
         raise WeightsError(f"checkpoint has {len(unexpected)} tensors this model does not have: "
@@ -125,20 +146,30 @@ def _fill(model: nn.Module, sources, cfg: LlavaConfig, dtype, device) -> set[str
     return loaded
 
 
-def _set_param(model: nn.Module, target: str, param: nn.Parameter, tensor: torch.Tensor, dtype, device) -> None:
-    loader = getattr(param, "weight_loader", default_weight_loader)
+def _set_param(model: nn.Module, target: str, param: nn.Parameter | None, tensor: torch.Tensor, dtype,
+               device) -> None:
+    """Set a parameter, or (param None) a quantized layer's packed buffer, from a checkpoint tensor."""
+    module_name, _, attr = target.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = param if param is not None else getattr(module, attr)
+    loader = getattr(current, "weight_loader", default_weight_loader)
     try:
-        tensor = loader(param, tensor)
+        tensor = loader(current, tensor)
     except ValueError as e:
         raise WeightsError(f"tensor {target}: {e}; the weights do not match config.json") from None
     value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    module_name, _, attr = target.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
-    setattr(module, attr, nn.Parameter(value, requires_grad=False))
+    setattr(module, attr, value if param is None else nn.Parameter(value, requires_grad=False))
+
+
+def _set_quantized(module, target: str, tensor: torch.Tensor, dtype, device) -> list[str]:
+    try:
+        return fill_quantized(module, tensor, dtype, device)
+    except ValueError as e:
+        raise WeightsError(f"tensor {target}: {e}; the weights do not match config.json") from None
 
 
 def _check_complete(model: nn.Module, loaded: set[str], cfg: LlavaConfig) -> None:
-    missing = [n for n, p in model.named_parameters() if n not in loaded]
+    missing = [n for n in [n for n, _ in model.named_parameters()] + buffer_names(model) if n not in loaded]
     if not missing:
         return
     if cfg.layout == "original" and all(n.startswith("vision_tower.") for n in missing):
@@ -163,24 +194,33 @@ def _short_list(names: list[str]) -> str:
 
 
 def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 std: float = 0.02) -> LlavaForConditionalGeneration:
+                 std: float = 0.02, quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
     """A model with random weights and no checkpoint (load_format="dummy"): built on the meta device,
     allocated once on `device` in `dtype` (never in float32 first), filled with N(0, std) weights, zero biases
-    and unit norms. A model that cannot fit in the memory `device` has free is refused before allocating."""
+    and unit norms. With `quantization`, each quantized layer's weight is drawn in float and quantized at
+    once (the same weights as quantizing the float model). A model that cannot fit in the memory `device`
+    has free is refused before allocating."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg).to(dtype)
+        shapes = [(name, p.shape) for name, p in model.named_parameters()]  # the float model's drawing order
+        if quantization is not None:
+            quantize_skeleton(model, quantization)
     _check_fits(model, dtype, device, cfg.name_or_path)
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, shape in shapes:
+            quantized = quantized_owner(model, name) if name.endswith("weight") else None
+            p = torch.empty(shape, dtype=dtype, device=device) if quantized else model.get_parameter(name)
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 1 and ("norm" in name or "layrnorm" in name):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=generator)
-    if cfg.text.tie_word_embeddings:
+            if quantized:
+                fill_quantized(quantized, p, dtype, device)
+    if cfg.text.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.language_model.embed_tokens.weight
     _materialize_buffers(model, device)
     return model.to(dtype).eval()
@@ -188,7 +228,7 @@ def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, see
 
 def _check_fits(model: nn.Module, dtype: torch.dtype, device: torch.device, name: str) -> None:
     """Refuse weights larger than the free memory of `device` (CUDA: free device memory; CPU: MemAvailable)."""
-    need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    need = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     free = free_memory(device)
     if free is not None and need > free:
         half = " pass --dtype bfloat16 (half the memory) or" if dtype == torch.float32 else ""

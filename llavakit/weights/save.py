@@ -1,5 +1,8 @@
 """Save a llavakit model as a llava-hf checkpoint directory that transformers and llavakit both load.
 
+A quantized model (llavakit.quant) is saved as a compressed-tensors checkpoint: its packed tensors under
+their compressed-tensors names and a "quantization_config" block in config.json.
+
 The llava-hf format (config.json with nested text_config / vision_config, hub tensor names, an image
 processor config) holds LLaVA-1.5 and NeXT models with a two-layer GELU projector and no layout-specific
 tokens. Original-layout models are converted on the way: their -200 image placeholder becomes a real
@@ -20,8 +23,10 @@ from huggingface_hub import save_torch_state_dict
 
 from llavakit.config import ImageConfig, LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.quant.quantize import quantize_skeleton
 from llavakit.weights.files import find_weight_files, iter_tensors
 from llavakit.weights.name_maps import LAYOUTS, Rules, detect_layout, is_unused, map_name
+from llavakit.weights.quantized import model_quantization, quantization_fields
 
 # llavakit parameter names -> llava-hf hub names: the inverse of name_maps.LLAVA_HF.
 TO_LLAVA_HF: Rules = [
@@ -167,25 +172,31 @@ def processor_config_dict(cfg: LlavaConfig) -> dict:
 
 
 def state_dict_for_hf(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """The model's parameters under llava-hf hub names, on CPU, contiguous, in their current dtype.
-    A tied lm_head is left out (transformers ties it again on load)."""
-    _check_plain_model(model)
+    """The model's tensors under llava-hf hub names (see `model_state_dict`)."""
+    return {map_name(name, TO_LLAVA_HF): t for name, t in model_state_dict(model).items()}
+
+
+def model_state_dict(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The model's tensors under llavakit names, on CPU, contiguous, in their current dtype: its parameters, and
+    for quantized layers their packed compressed-tensors buffers. A tied lm_head is left out (loaders tie it)."""
+    _check_savable(model)
     tied = model.cfg.text.tie_word_embeddings
-    return {map_name(name, TO_LLAVA_HF): p.detach().to("cpu").contiguous()
-            for name, p in model.named_parameters(remove_duplicate=False)
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()
             if not (tied and name == "lm_head.weight")}
 
 
-def _check_plain_model(model: LlavaForConditionalGeneration) -> None:
-    """Transforms (LoRA, quantization) add or rename parameters that llava-hf has no names for."""
+def _check_savable(model: LlavaForConditionalGeneration) -> None:
+    """Transforms other than quantization (LoRA) add or rename parameters that no layout has names for."""
     with torch.device("meta"):
         reference = LlavaForConditionalGeneration(model.cfg)
-    expected = {n for n, _ in reference.named_parameters(remove_duplicate=False)}
-    actual = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        qcfg = model_quantization(model)
+        if qcfg is not None:
+            quantize_skeleton(reference, qcfg)
+    expected, actual = set(reference.state_dict()), set(model.state_dict())
     if actual != expected:
         odd = sorted(actual ^ expected)[:8]
         raise ValueError(f"the model's parameters differ from a plain LLaVA model ({odd}); merge LoRA adapters "
-                         "and undo quantization before saving in the llava-hf format")
+                         "before saving")
 
 
 def unused_source_tensors(source_dir: str | Path, cfg: LlavaConfig,
@@ -243,12 +254,12 @@ def save_llava_hf(model: LlavaForConditionalGeneration, out_dir: str | Path, tok
         state[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", hf_config_dict(cfg, token, dtype))
-    _write_json(out / "preprocessor_config.json", preprocessor_config_dict(cfg))
+    write_json(out / "config.json", {**hf_config_dict(cfg, token, dtype), **quantization_fields(model)})
+    write_json(out / "preprocessor_config.json", preprocessor_config_dict(cfg))
     save_torch_state_dict(state, out, max_shard_size=max_shard_bytes)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-        _write_json(out / "processor_config.json", processor_config_dict(cfg))
+        write_json(out / "processor_config.json", processor_config_dict(cfg))
     return out
 
 
@@ -261,5 +272,6 @@ def _check_tokenizer(tokenizer: Any, token: int) -> None:
                          "add '<image>' to the tokenizer and pass its id as image_token_id")
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
+    """`data` as indented, key-sorted JSON."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
