@@ -16,6 +16,8 @@ from llavakit.quant.config import QuantConfig
 from llavakit.quant.formats import SUFFIXES, dequantize_weight, packed_shapes, quantize_weight
 from llavakit.quant.kernels import quant_linear
 
+ROWS_PER_BLOCK = 512  # a 4096-wide float32 block is 8 MiB: quantizing it costs a few times that, not a layer's worth
+
 
 class QuantLinear(nn.Module):
     """Weight-only quantized Linear; forward takes and returns x's float dtype."""
@@ -35,32 +37,32 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def empty(cls, in_features: int, out_features: int, bias: bool, cfg: QuantConfig, tp_style: str,
-              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> QuantLinear:
-        """A QuantLinear whose buffers the loader fills (uninitialised; on `device`, "meta" included)."""
-        return cls(in_features, out_features, bias, cfg, tp_style, device, dtype)
-
-    @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: Linear | nn.Linear, cfg: QuantConfig) -> QuantLinear:
         """Quantize a float Linear (scales keep its dtype)."""
         w = linear.weight
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, cfg,
                 getattr(linear, "tp_style", "replicated"), w.device, w.dtype)
-        q.load_packed(quantize_weight(w.detach(), cfg))
+        q.set_weight(w.detach())
         if linear.bias is not None:
             q.bias.copy_(linear.bias)
         return q
 
     @torch.no_grad()
-    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy compressed-tensors tensors (keyed by suffix) into the buffers, checking their shapes."""
-        for name in SUFFIXES:
-            buf, t = getattr(self, name), tensors[name]
-            if tuple(buf.shape) != tuple(t.shape):
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(buf.shape)} for a "
-                                 f"{self.out_features}x{self.in_features} {self.cfg.method} layer")
-            buf.copy_(t)
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight (out, in) into the buffers (allocated already, on their device and scale dtype).
+        Rows are quantized independently, so a block of rows at a time gives the same tensors while the float
+        temporaries stay a fraction of the layer (what keeps quantize-on-load at about one layer of float)."""
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"expected shape {expected}, checkpoint has {tuple(weight.shape)}")
+        scale = self.weight_scale
+        for start in range(0, expected[0], ROWS_PER_BLOCK):
+            rows = slice(start, start + ROWS_PER_BLOCK)
+            packed = quantize_weight(weight[rows].to(device=scale.device, dtype=scale.dtype), self.cfg)
+            self.weight_packed[rows] = packed["weight_packed"]
+            scale[rows] = packed["weight_scale"]
+        self.weight_shape.copy_(torch.tensor(expected))
 
     def packed(self) -> dict[str, torch.Tensor]:
         """The compressed-tensors tensors, keyed by suffix."""

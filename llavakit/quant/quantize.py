@@ -46,6 +46,6 @@ def quantize_skeleton(model: nn.Module, cfg: QuantConfig | str, device: torch.de
     cfg = QuantConfig.parse(cfg)
 
     def build(lin: Linear) -> QuantLinear:
-        return QuantLinear.empty(lin.in_features, lin.out_features, lin.bias is not None, cfg, lin.tp_style,
-                                 device or lin.weight.device, dtype or lin.weight.dtype)
+        return QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, lin.tp_style,
+                           device or lin.weight.device, dtype or lin.weight.dtype)
     return _replace(model, cfg, build)

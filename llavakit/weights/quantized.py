@@ -14,15 +14,8 @@ from torch import nn
 
 from llavakit.config import load_json
 from llavakit.quant.config import QuantConfig
-from llavakit.quant.formats import (
-    config_from_quantization_config,
-    packed_shapes,
-    quantization_config,
-    quantize_weight,
-)
+from llavakit.quant.formats import SUFFIXES, config_from_quantization_config, packed_shapes, quantization_config
 from llavakit.quant.linear import QuantLinear
-
-ROWS_PER_BLOCK = 512  # a 4096-wide float32 block is 8 MiB: quantizing it costs a few times that, not a layer's worth
 
 
 def checkpoint_quantization(directory: Path) -> QuantConfig | None:
@@ -70,24 +63,15 @@ def quantized_owner(model: nn.Module, target: str) -> QuantLinear | None:
 
 @torch.no_grad()
 def fill_quantized(module: QuantLinear, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> list[str]:
-    """Quantize a float weight (out, in) into `module`'s buffers (materialized on `device`; scales in `dtype`);
-    returns the names of the buffers set. Rows are quantized independently, so a block of rows at a time
-    gives the same tensors while the float temporaries stay a fraction of one layer."""
-    expected = (module.out_features, module.in_features)
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"expected shape {expected}, checkpoint has {tuple(weight.shape)}")
-    shapes = packed_shapes(*expected, module.cfg)
+    """Quantize a float weight (out, in) into `module`'s buffers, materialized on `device` with scales in `dtype`
+    (a skeleton's are on meta); returns the names of the buffers set."""
     if module.weight_packed.is_meta or module.weight_scale.dtype != dtype:
+        shapes = packed_shapes(module.out_features, module.in_features, module.cfg)
         module.weight_packed = torch.empty(shapes["weight_packed"], dtype=torch.int32, device=device)
         module.weight_scale = torch.empty(shapes["weight_scale"], dtype=dtype, device=device)
         module.weight_shape = torch.empty(2, dtype=torch.int64, device=device)
-    module.weight_shape.copy_(torch.tensor(expected))
-    for start in range(0, expected[0], ROWS_PER_BLOCK):
-        rows = slice(start, start + ROWS_PER_BLOCK)
-        packed = quantize_weight(weight[rows].to(device=device, dtype=dtype), module.cfg)
-        module.weight_packed[rows] = packed["weight_packed"]
-        module.weight_scale[rows] = packed["weight_scale"]
-    return ["weight_packed", "weight_scale", "weight_shape"]
+    module.set_weight(weight)
+    return list(SUFFIXES)
 
 
 def buffer_names(model: nn.Module) -> list[str]:

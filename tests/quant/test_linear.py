@@ -75,23 +75,26 @@ def test_state_dict_uses_the_compressed_tensors_names_and_loads_into_an_empty_la
     sd = q.state_dict()
     assert sorted(sd) == ["bias", "weight_packed", "weight_scale", "weight_shape"]
     assert sd["weight_shape"].tolist() == [96, 256] and sd["weight_packed"].dtype == torch.int32
-    empty = QuantLinear.empty(256, 96, True, cfg, "row", "meta")
+    empty = QuantLinear(256, 96, True, cfg, "row", "meta")
     assert empty.weight_packed.device.type == "meta"
-    fresh = QuantLinear.empty(256, 96, True, cfg, "row", "cpu")
+    fresh = QuantLinear(256, 96, True, cfg, "row", "cpu")
     fresh.load_state_dict(sd)
     x = torch.randn(2, 256)
     with torch.no_grad():
         assert torch.equal(fresh(x), q(x))
 
 
-def test_load_packed_checks_shapes_and_layers_check_sizes():
-    cfg = QuantConfig("w8a16")
-    fresh = QuantLinear.empty(256, 96, False, cfg, "column")
-    wrong = formats.quantize_weight(torch.randn(96, 128), cfg)
-    with pytest.raises(ValueError, match=r"weight_packed has shape \(96, 32\), expected \(96, 64\)"):
-        fresh.load_packed(wrong)
+def test_set_weight_quantizes_block_by_block_to_the_whole_weights_tensors_and_checks_sizes():
+    cfg = QuantConfig("w4a16", 32)
+    weight = torch.randn(1100, 64)  # three blocks of rows, the last one short
+    layer = QuantLinear(64, 1100, False, cfg, "column")
+    layer.set_weight(weight)
+    whole = formats.quantize_weight(weight, cfg)
+    assert all(torch.equal(layer.packed()[name], whole[name]) for name in formats.SUFFIXES)
+    with pytest.raises(ValueError, match=r"expected shape \(1100, 64\), checkpoint has \(1100, 32\)"):
+        layer.set_weight(torch.randn(1100, 32))
     with pytest.raises(ValueError, match="group size that divides 96"):
-        QuantLinear.empty(96, 8, False, QuantConfig("w4a16", 64), "column")
+        QuantLinear(96, 8, False, QuantConfig("w4a16", 64), "column")
 
 
 def test_fused_product_equals_the_separate_layers():

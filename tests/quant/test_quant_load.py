@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,16 +171,21 @@ def test_transformers_gives_the_same_greedy_tokens(compressed, checkpoint):
     assert pipe.generate(PROMPT, images=[IMAGE], max_new_tokens=12, temperature=0).token_ids == tokens
 
 
+def _linked_copy(src: Path, dst: Path, replaced: str) -> Path:
+    """`dst`: links to the files of checkpoint `src`, but `replaced`, which the caller writes."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != replaced:
+            (dst / f.name).symlink_to(f)
+    return dst / replaced
+
+
 def test_unsupported_compressed_tensors_schemes_are_refused(compressed, tmp_path):
     _, out = compressed
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in out.iterdir():
-        (bad / f.name).symlink_to(f)
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "int"}
-    (bad / "config.json").unlink()
-    (bad / "config.json").write_text(json.dumps(cfg))
+    _linked_copy(out, tmp_path / "bad", "config.json").write_text(json.dumps(cfg))
+    bad = tmp_path / "bad"
     with pytest.raises(ValueError, match="cannot run this compressed-tensors checkpoint: quantized activations"):
         _load(bad)
 
@@ -188,15 +194,11 @@ def test_a_float_weight_of_the_wrong_shape_is_named(checkpoint, tmp_path):
     from safetensors.torch import load_file, save_file
 
     _, d = checkpoint
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in d.iterdir():
-        (bad / f.name).symlink_to(f)
     state = load_file(d / "model.safetensors")
     name = "language_model.model.layers.1.mlp.up_proj.weight"
     state[name] = state[name][:64]
-    (bad / "model.safetensors").unlink()
-    save_file(state, bad / "model.safetensors")
+    save_file(state, _linked_copy(d, tmp_path / "bad", "model.safetensors"))
+    bad = tmp_path / "bad"
     with pytest.raises(WeightsError, match=r"tensor language_model\.layers\.1\.mlp\.up_proj\.weight: expected shape "
                                            r"\(128, 64\), checkpoint has \(64, 64\)"):
         _load(bad, quantization=W8)
