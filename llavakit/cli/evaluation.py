@@ -1,24 +1,30 @@
-"""`llavakit eval score|clip-score|compare`: benchmark scores of an answers file, CLIP scores of captions,
-and a paired comparison of two caption sets of the same images."""
+"""`llavakit eval score|clip-score|compare|review|summarize`: benchmark scores of an answers file, CLIP scores
+of captions, a paired comparison of two caption sets of the same images, and judge-scored reviews (LLaVA-Bench,
+LLaVAR) with their relative scores."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from llavakit.cli.checks import check_output
+from llavakit.cli.checks import check_output, make_parent
 from llavakit.cli.common import CliError, HelpFormatter, add_threads_flag, number, set_threads
 from llavakit.eval.scorers import TASKS
 
-HELP = "score answers on a benchmark, CLIP-score captions, or compare two caption sets"
+HELP = "score answers on a benchmark, CLIP-score captions, compare two caption sets, or have a judge review answers"
 EXAMPLE = """examples:
   llavakit eval score --task vqav2 --answers answers.jsonl --annotations v2_mscoco_val2014_annotations.json
   llavakit eval clip-score --answers gpu.jsonl --questions q.jsonl --images coco/ --clip-model CLIP-ViT-H-14/ \\
       --output gpu.scores.jsonl
   llavakit eval compare gpu.jsonl npu.jsonl --questions q.jsonl --images coco/ --clip-model CLIP-ViT-H-14/ --plot d.png
   llavakit eval compare gpu.scores.jsonl npu.scores.jsonl --json
+  llavakit eval review --questions questions.jsonl --contexts context.jsonl --reference answers_gpt4.jsonl \\
+      --answers answers.jsonl --rules rule.json --category-prefix llava_bench_ --out review.jsonl \\
+      --judge-url https://api.openai.com/v1 --judge-model gpt-4o
+  llavakit eval summarize review.jsonl --ignore 3,17
 """
 MAX_SKIP_LINES = 20
 
@@ -28,7 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     actions = {"score": (_add_score_arguments, run_score, "benchmark score of an answers file"),
                "clip-score": (_add_clip_score_arguments, run_clip_score, "mean and per-item CLIP score of captions"),
                "compare": (_add_compare_arguments, run_compare,
-                           "paired CLIP-score difference of two caption sets, with a bootstrap interval")}
+                           "paired CLIP-score difference of two caption sets, with a bootstrap interval"),
+               "review": (_add_review_arguments, run_review,
+                          "a judge (any OpenAI-compatible chat endpoint) scores answers against reference answers, "
+                          "as LLaVA-Bench and LLaVAR do; resumable"),
+               "summarize": (_add_summarize_arguments, run_summarize,
+                             "mean judge scores and relative score per category of review files")}
     for name, (add, handler, help_text) in actions.items():
         s = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLE, formatter_class=HelpFormatter)
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -198,4 +209,95 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.plot:
         plot_differences([p["difference"] for p in pairs], result, args.plot, (args.a.name, args.b.name))
     print(json.dumps(result, indent=1) if args.json else format_comparison(result, str(args.a), str(args.b)))
+    return 0
+
+
+def _judge_url(text: str) -> str:
+    if not text.lower().startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _add_review_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs (the original's files as they are)")
+    g.add_argument("--questions", required=True, type=Path, metavar="FILE",
+                   help="questions JSONL: {question_id, image, text, category} per line")
+    g.add_argument("--contexts", "--context", dest="contexts", required=True, type=Path, metavar="FILE",
+                   help="the judge's view of each image, JSONL: {image, captions or caption, optional instances "
+                        "[{category, bbox}]} per line")
+    g.add_argument("--reference", required=True, type=Path, metavar="FILE",
+                   help="reference answers JSONL (e.g. GPT-4's), shown to the judge as Assistant 1")
+    g.add_argument("--answers", required=True, type=Path, metavar="FILE",
+                   help="the model's answers (llavakit predict's JSONL), shown to the judge as Assistant 2")
+    g.add_argument("--rules", "--rule", dest="rules", required=True, type=Path, metavar="FILE",
+                   help="rules JSON {category: {role, prompt}} (LLaVA's llava/eval/table/rule.json, LLaVAR's "
+                        "rule_read_v3.json)")
+    g.add_argument("--category-prefix", metavar="TEXT",
+                   help="put before each question's category to find its rule and label its review: "
+                        "llava_bench_ for LLaVA-Bench In-the-Wild (as eval_gpt_review_bench.py does)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE",
+                   help="review JSONL, appended to: questions already in it are not asked again")
+    j = p.add_argument_group("judge")
+    j.add_argument("--judge-url", type=_judge_url, default="https://api.openai.com/v1", metavar="URL",
+                   help="OpenAI-compatible base URL (a vLLM or `llavakit serve` server: http://HOST:PORT/v1)")
+    j.add_argument("--judge-model", required=True, metavar="NAME", help="the judge model's name at that endpoint")
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (unset: no key is sent)")
+    j.add_argument("--concurrency", type=number(int, 1, 256), default=4, help="requests in flight at once")
+    j.add_argument("--retries", type=number(int, 0), default=5,
+                   help="tries again after a rate limit (429), a server error (5xx), a timeout or a dropped "
+                        "connection")
+    j.add_argument("--backoff", type=number(float, 0), default=1.0, metavar="SECONDS",
+                   help="wait before the first retry, doubled at each one (longer when the server asks, at most 60)")
+    j.add_argument("--timeout", type=number(float, above=0), default=120.0, metavar="SECONDS",
+                   help="longest wait for each read of a reply")
+    j.add_argument("--temperature", type=number(float, 0, 2), default=0.0,
+                   help="judge sampling temperature (the original used 0.2)")
+    j.add_argument("--max-tokens", type=number(int, 1), default=1024, help="longest judge reply")
+
+
+def run_review(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from llavakit.eval.review import JudgeClient, JudgeError, build_items, reviewed_ids, run_reviews
+    from llavakit.eval.summarize import format_summary, review_name, summarize_file
+
+    check_output(args.out, "--out", makedirs=True)
+    items = build_items(args.questions, args.contexts, args.reference, args.answers, args.rules,
+                        args.category_prefix or "")
+    api_key = os.environ.get(args.api_key_env) or None
+    if api_key is None:
+        print(f"note: ${args.api_key_env} is not set: the judge is asked without an API key", file=sys.stderr)
+    client = JudgeClient(args.judge_url, args.judge_model, api_key, timeout=args.timeout, retries=args.retries,
+                         backoff=args.backoff, temperature=args.temperature, max_tokens=args.max_tokens)
+    make_parent(args.out, "--out")
+    done = reviewed_ids(args.out)
+    initial = sum(str(item.row["question_id"]) in done for item in items)
+    with tqdm(total=len(items), initial=initial, desc="review", unit="q", disable=None) as bar:
+        try:
+            counts = run_reviews(items, client, args.out, args.concurrency, on_review=lambda _: bar.update())
+        except JudgeError as e:
+            raise CliError(str(e)) from None
+    print(f"reviewed {counts.asked} now, {counts.done_before} already in {args.out}; {counts.unscored} replies had "
+          "no score pair (recorded as [-1, -1])", file=sys.stderr)
+    print(format_summary(review_name(args.out), summarize_file(args.out)))
+    return 0
+
+
+def _add_summarize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("reviews", nargs="+", type=Path, metavar="REVIEW.jsonl", help="review files (llavakit's or LLaVA's)")
+    p.add_argument("--ignore", action="append", default=[], metavar="IDS",
+                   help="question ids to leave out, comma-separated (repeatable)")
+    p.add_argument("--json", action="store_true", help="print {file: {category: scores}} as JSON")
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    from llavakit.eval.summarize import format_summary, review_name, summarize_file
+
+    ignore = {i.strip() for text in args.ignore for i in text.split(",") if i.strip()}
+    summaries = {str(path): summarize_file(path, ignore) for path in args.reviews}
+    if args.json:
+        print(json.dumps(summaries, indent=1))
+    else:
+        print("\n\n".join(format_summary(review_name(path), summary) for path, summary in summaries.items()))
     return 0
