@@ -12,6 +12,7 @@ from llavakit.cli.common import CliError, add_model_flags, load_pipeline, number
 HELP = "serve a model over HTTP (OpenAI chat/completions, TGI, vLLM, Triton formats)"
 EXAMPLE = """examples:
   llavakit serve --model llava-1.5-7b --port 8000
+      (then open http://127.0.0.1:8000/ in a browser to chat; --no-web turns the page off)
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model": "llava-1.5-7b", "messages": [{"role": "user", "content": "Hi"}]}'
   llavakit serve --model DIR --served-model-name llava --host 0.0.0.0 --api-key "$KEY" --max-num-seqs 32
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' (default: $LLAVAKIT_API_KEY; unset: no key)")
     g.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send as \"model\" (default: --model as given, or demo)")
+    g.add_argument("--no-web", action="store_true",
+                   help="do not serve the chat page at / (serve the API only)")
     g.add_argument("--shutdown-timeout", type=number(float, 0), default=30.0, metavar="S",
                    help="seconds in-flight requests may take to finish after SIGTERM")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     fetch = server_fetch_policy(int(args.max_image_mb * MiB), root, total_timeout=args.fetch_timeout,
                                 connect_timeout=args.connect_timeout)
     buffered = int(args.max_buffered_body_mb * MiB) if args.max_buffered_body_mb else None
-    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or None,
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or None, web=not args.no_web,
                       model_name=args.served_model_name or str(args.model or "demo"),
                       max_body_bytes=int(args.max_body_mb * MiB),
                       max_buffered_body_bytes=buffered,
@@ -138,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         service = Service(load_pipeline(args), engine_cfg, cfg)
         port = sock.getsockname()[1]
-        print(f"serving {cfg.model_name!r} on http://{_url_host(cfg.host)}:{port} (OpenAI API under /v1; /docs "
-              "lists every route)", file=sys.stderr, flush=True)
+        url = f"http://{_url_host(cfg.host)}:{port}"
+        page = f"; chat in a browser at {url}/" if cfg.web else ""
+        print(f"serving {cfg.model_name!r} on {url} (OpenAI API under /v1; /docs lists every route{page})",
+              file=sys.stderr, flush=True)
         serve(service, args.log_level, sock=sock)
     finally:
         sock.close()

@@ -1,5 +1,6 @@
-"""The FastAPI app: the OpenAI, TGI, vLLM and Triton routes on one Service, /health and /metrics, the
-guard middleware (API key, body limits) and OpenAI-shaped errors for everything that can go wrong."""
+"""The FastAPI app: the OpenAI, TGI, vLLM and Triton routes on one Service, /health and /metrics, the chat
+page at / (unless cfg.web is off), the guard middleware (API key, body limits) and OpenAI-shaped errors for
+everything that can go wrong."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import llavakit
-from llavakit.serve import openai_api, tgi_api, triton_api
+from llavakit.serve import openai_api, tgi_api, triton_api, web
 from llavakit.serve.errors import install_error_handlers
-from llavakit.serve.middleware import GuardMiddleware, RequestLogMiddleware
+from llavakit.serve.middleware import PUBLIC_PATHS, GuardMiddleware, RequestLogMiddleware
 from llavakit.serve.service import ClientDisconnected, Service
 
 CLIENT_CLOSED = 499  # nginx's code for "the client went away"; nobody reads it, the log does
@@ -31,10 +32,13 @@ def build_app(service: Service) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _on_disconnect)
-    app.add_middleware(GuardMiddleware, cfg=service.cfg)
+    keyless = PUBLIC_PATHS + (web.PAGE_PATHS if service.cfg.web else ())
+    app.add_middleware(GuardMiddleware, cfg=service.cfg, keyless=keyless)
     app.add_middleware(RequestLogMiddleware)  # outermost: refusals by the guard are logged too
     for module in (openai_api, tgi_api, triton_api):
         app.include_router(module.router)
+    if service.cfg.web:
+        app.include_router(web.router(service))
 
     @app.get("/health")
     async def health() -> JSONResponse:

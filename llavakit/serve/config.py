@@ -29,6 +29,7 @@ class ServeConfig:
     port: int = 8000
     model_name: str = "llavakit"  # the id clients pass as "model" and /v1/models lists
     api_key: str | None = None  # when set, every API route needs "Authorization: Bearer <key>"
+    web: bool = True  # the chat page at / (serve/web); False: the API only
     max_body_bytes: int = 32 * 2**20
     body_timeout: float = 30.0  # seconds a client may take to send its request body
     max_buffered_body_bytes: int | None = None  # bodies held at once, all requests together (None: 8 bodies)

@@ -76,8 +76,10 @@ class GuardMiddleware:
     """API key check, then the body read whole under the size cap, the body timeout and the budget of
     bodies held at once; a body counts against the budget until its request's response has been sent."""
 
-    def __init__(self, app: ASGIApp, cfg: ServeConfig):
-        self.app, self.cfg = app, cfg
+    def __init__(self, app: ASGIApp, cfg: ServeConfig, keyless: tuple[str, ...] = PUBLIC_PATHS):
+        """`keyless`: exact paths served without the API key (monitoring; the chat page's files, which ask for
+        the key themselves)."""
+        self.app, self.cfg, self.keyless = app, cfg, keyless
         self.buffered = 0  # bytes of request bodies held now (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -98,7 +100,7 @@ class GuardMiddleware:
             self.buffered -= held[0]
 
     def _check_key(self, scope: Scope) -> None:
-        if self.cfg.api_key is None or scope["path"] in PUBLIC_PATHS:
+        if self.cfg.api_key is None or scope["path"] in self.keyless:
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = auth.partition(" ")
