@@ -61,7 +61,7 @@ def generate_tokens(model: LlavaForConditionalGeneration, ids: list[int], media:
         raise ValueError(f"the prompt is {len(ids)} tokens but the model's context is {limit}; "
                          "shorten the text or use fewer / smaller images (or fewer video frames)")
     max_len = min(len(ids) + params.max_tokens, limit)
-    cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, max_len, cfg.head_dim,
+    cache = KVCache(cfg.num_hidden_layers, 1, model.language_model.num_kv_heads, max_len, cfg.head_dim,
                     model.dtype, device)
     t0 = _now(device)
     feats = model.encode_media([m.pixel_values.to(device) for m in media], [m.size for m in media]) if media else None
@@ -107,7 +107,7 @@ class Generation:
         stream = TextStream(self.tokenizer, self.stops, self.stop_ids)
         tokens: list[int] = []
         emitted = 0
-        for token in generate_tokens(self.model, self.inputs.ids, self.inputs.media, self.params, self.timings):
+        for token in self._tokens():
             tokens.append(token)
             if stream.push(token) or len(tokens) >= self.params.max_tokens:
                 break
@@ -118,6 +118,9 @@ class Generation:
             yield stream.text[emitted:]
         finish = "stop" if stream.stopped else "length"
         self.output = GenerationOutput(stream.text, tokens, self.inputs.ids, finish, self.timings)
+
+    def _tokens(self) -> Iterator[int]:
+        return generate_tokens(self.model, self.inputs.ids, self.inputs.media, self.params, self.timings)
 
     def run(self) -> GenerationOutput:
         """Generate to the end and return the output."""

@@ -16,9 +16,14 @@ from typing import Any
 import torch
 
 from llavakit.checkpoint_config import read_checkpoint_config
-from llavakit.config import VideoConfig, with_image_aspect_ratio
+from llavakit.config import EngineConfig, VideoConfig, with_image_aspect_ratio
+from llavakit.engine.llm_engine import LLMEngine
 from llavakit.generation import Generation, GenerationOutput, Timings
 from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.parallel.group import TPGroup, rank_device
+from llavakit.parallel.tp import check_splittable
+from llavakit.parallel.workers import follow
+from llavakit.parallel.workers import start as start_workers
 from llavakit.processing.conversation import get_template
 from llavakit.processing.media import FetchPolicy
 from llavakit.processing.prompt import PromptInputs, PromptProcessor, default_template_name
@@ -63,7 +68,8 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
          *, vision_tower: str | Path | None = None, conv_mode: str | None = None, revision: str | None = None,
          fetch_policy: FetchPolicy | None = None, load_format: str = "auto",
          tokenizer: str | Path | None = None, num_frames: int | None = None,
-         image_aspect_ratio: str | None = None, quantization: str | QuantConfig | None = None) -> "Pipeline":
+         image_aspect_ratio: str | None = None, quantization: str | QuantConfig | None = None,
+         tensor_parallel_size: int = 1) -> "Pipeline":
     """Load a LLaVA checkpoint (directory, hub id, alias, or "demo": the built-in model) in any layout.
 
     dtype: auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16. vision_tower: local CLIP
@@ -82,20 +88,78 @@ def load(model: str | Path | None = "demo", dtype: str | torch.dtype = "auto", d
     inputs) or a QuantConfig (group size, LM head): the language model's Linear layers are quantized as they
     are read, so peak memory is the quantized model plus one float layer. A compressed-tensors checkpoint
     (`llavakit convert --quantization`) loads quantized without it.
+    tensor_parallel_size: split the language model over N processes (one per GPU on CUDA; on the CPU, N
+    processes sharing it): llavakit starts the N-1 workers itself, or under `torchrun --nproc-per-node N` uses
+    the processes torchrun started (ranks above 0 never return from here). See docs/parallel.md.
     """
-    quant = QuantConfig.parse(quantization)
+    args = dict(model=model, dtype=dtype, device=device, vision_tower=vision_tower, conv_mode=conv_mode,
+                revision=revision, fetch_policy=fetch_policy, load_format=load_format, tokenizer=tokenizer,
+                num_frames=num_frames, image_aspect_ratio=image_aspect_ratio, quantization=quantization)
+    if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive integer, got {tensor_parallel_size!r}")
+    if tensor_parallel_size == 1:
+        return _load(**args)
+    _check_splittable(model, load_format, revision, vision_tower, quantization, tensor_parallel_size)
+    worker_args = {**args, "fetch_policy": None}  # workers load weights only; rank 0 reads the media
+    tp, workers = start_workers(tensor_parallel_size, resolve_device(device), worker_args, load_shard)
+    pipe = _load_in_group(tp, args, workers)
+    if workers is None:  # a worker rank under torchrun: follow rank 0, then leave
+        follow(tp, pipe.model)
+    pipe.model.tp_workers = workers
+    return pipe
+
+
+def _check_splittable(model, load_format: str, revision, vision_tower, quantization, size: int) -> None:
+    """Refuse a size the model cannot be split into before any worker starts (config files only)."""
     if load_format == "dummy":
-        return _load_dummy(str(model), dtype, device, tokenizer, conv_mode, num_frames, image_aspect_ratio, quant)
+        from llavakit.presets import preset_config
+
+        cfg = preset_config(str(model))
+    else:
+        cfg = read_checkpoint_config(resolve_model_dir(model, revision), vision_tower=vision_tower)
+    check_splittable(cfg.text, size, QuantConfig.parse(quantization))
+
+
+def _load(model, dtype, device, *, vision_tower, conv_mode, revision, fetch_policy, load_format, tokenizer,
+          num_frames, image_aspect_ratio, quantization, tp: TPGroup | None = None) -> "Pipeline":
+    quant = QuantConfig.parse(quantization)
+    dev = resolve_device(device) if tp is None else rank_device(resolve_device(device), tp.rank)
+    if load_format == "dummy":
+        return _load_dummy(str(model), dtype, dev, tokenizer, conv_mode, num_frames, image_aspect_ratio, quant, tp)
     directory = resolve_model_dir(model, revision)
     processor = load_processor(directory, vision_tower=vision_tower, conv_mode=conv_mode, fetch_policy=fetch_policy,
                                num_frames=num_frames, image_aspect_ratio=image_aspect_ratio)
-    dev = resolve_device(device)
-    net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev, quantization=quant)
+    net = load_llava(processor.cfg, directory, resolve_dtype(dtype, dev), dev, quantization=quant, tp=tp)
     return Pipeline(net, processor)
 
 
+def _load_in_group(tp: TPGroup, args: dict, workers) -> "Pipeline | None":
+    """Every rank loads its shard; one rank's failure is every rank's (rank 0 raises it, in words)."""
+    try:
+        pipe, error = _load(**args, tp=tp), None
+    except Exception as e:  # noqa: BLE001 - reported to every rank below
+        pipe, error = None, e
+    errors = tp.gather_errors(None if error is None else str(error).splitlines()[0])
+    if errors:
+        if workers is not None:
+            workers.close()
+        if error is not None:
+            raise error
+        raise ValueError(f"tensor-parallel loading failed: {'; '.join(errors)}")
+    return pipe
+
+
+def load_shard(tp: TPGroup, args: dict):
+    """A spawned worker's shard of the model (None when any rank failed to load: rank 0 reports it)."""
+    try:
+        return _load_in_group(tp, args, None).model
+    except Exception:  # noqa: BLE001 - rank 0 raises the error for everyone
+        return None
+
+
 def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames,
-                image_aspect_ratio: str | None = None, quantization: QuantConfig | None = None) -> "Pipeline":
+                image_aspect_ratio: str | None = None, quantization: QuantConfig | None = None,
+                tp: TPGroup | None = None) -> "Pipeline":
     from llavakit.presets import preset_config, preset_tokenizer_dir
     from llavakit.weights.loader import random_llava
 
@@ -108,7 +172,7 @@ def _load_dummy(preset: str, dtype, device, tokenizer_dir, conv_mode, num_frames
     dev = resolve_device(device)
     tok = load_tokenizer(Path(tokenizer_dir))
     template = get_template(conv_mode or default_template_name(cfg, tok))
-    net = random_llava(cfg, resolve_dtype(dtype, dev), dev, quantization=quantization)
+    net = random_llava(cfg, resolve_dtype(dtype, dev), dev, quantization=quantization, tp=tp)
     return Pipeline(net, PromptProcessor(cfg, tok, template))
 
 
@@ -147,11 +211,19 @@ class Pipeline:
     def __init__(self, model: LlavaForConditionalGeneration, processor: PromptProcessor):
         self.model, self.processor = model, processor
         self.config, self.tokenizer = processor.cfg, processor.tokenizer
+        self._tp_engine: LLMEngine | None = None
         self.device = next(model.parameters()).device
 
     @property
     def template(self):
         return self.processor.template
+
+    def close(self) -> None:
+        """Stop the worker processes of a tensor-parallel model now (they also stop when this process exits);
+        a no-op otherwise."""
+        workers = getattr(self.model, "tp_workers", None)
+        if workers is not None:
+            workers.close()
 
     def tokenize(self, prompt: str, images: list[Any] | None = None, conv_mode: str | None = None, *,
                  videos: list[Any] | None = None) -> list[int]:
@@ -190,4 +262,42 @@ class Pipeline:
         start = time.perf_counter()
         inputs = build()
         timings = Timings(preprocess_ms=(time.perf_counter() - start) * 1e3)
+        if getattr(self.model, "tp_workers", None) is not None:
+            return EngineGeneration(self._engine(), self.tokenizer, inputs, params, timings)
         return Generation(self.model, self.tokenizer, inputs, params, timings)
+
+    def _engine(self) -> LLMEngine:
+        """The engine a tensor-parallel model answers through (built on first use, one sequence at a time)."""
+        if self._tp_engine is None:
+            self._tp_engine = LLMEngine(self.model, self.tokenizer, EngineConfig(max_num_seqs=1))
+        return self._tp_engine
+
+
+class EngineGeneration(Generation):
+    """A Generation whose tokens come from the engine: how a tensor-parallel model runs `generate` (its
+    workers follow the engine's steps; the plain loop has no workers to drive). Timings: prefill_ms is the
+    time to the first token, decode_ms the rest."""
+
+    def __init__(self, engine: LLMEngine, tokenizer: Any, inputs: PromptInputs, params: SamplingParams,
+                 timings: Timings):
+        super().__init__(engine.model, tokenizer, inputs, params, timings)
+        self.engine = engine
+
+    def _tokens(self) -> Iterator[int]:
+        request_id = self.engine.new_request_id("pipeline")
+        self.engine.add_request(request_id, self.inputs, self.params)
+        seen, start, finished = 0, time.perf_counter(), False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    ids, finished = out.outputs[0].token_ids, out.finished
+                    now = time.perf_counter()
+                    if seen == 0 and ids:
+                        self.timings.prefill_ms = (now - start) * 1e3
+                    elif ids[seen:]:
+                        self.timings.decode_ms = (now - start) * 1e3 - self.timings.prefill_ms
+                    yield from ids[seen:]
+                    seen = len(ids)
+        finally:
+            if not finished:  # the caller stopped early (a stop string, max tokens): free the KV blocks
+                self.engine.abort(request_id)

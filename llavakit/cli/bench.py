@@ -16,6 +16,7 @@ from pathlib import Path
 from llavakit.cli.common import (
     UsageError,
     add_image_aspect_ratio_flag,
+    add_parallel_flag,
     add_quantization_flags,
     add_threads_flag,
     number,
@@ -40,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     add_quantization_flags(p)
+    add_parallel_flag(p)
     add_image_aspect_ratio_flag(p)
     add_threads_flag(p)
     p.add_argument("--batch-sizes", default="1,2,3,4,5,6,7,8,9,10",
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     threads = set_threads(args)
     pipe = llavakit.load(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                          tokenizer=args.tokenizer, image_aspect_ratio=args.image_aspect_ratio,
-                         quantization=quantization)
+                         quantization=quantization, tensor_parallel_size=args.tensor_parallel_size)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     hf = _transformers(pipe, args) if args.compare_transformers else None  # before the engine sizes its cache
     engine = bench.engine_for(pipe, max_num_seqs=max(args.requests, *sizes),  # every run fits at once

@@ -63,6 +63,7 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = True, quantizat
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     if quantization:
         add_quantization_flags(g)
+        add_parallel_flag(g)
     add_image_aspect_ratio_flag(g)
     add_threads_flag(g)
 
@@ -81,6 +82,13 @@ def add_quantization_flags(g) -> None:
                         "for w4a16, per output channel for w8a16)")
     g.add_argument("--quantize-lm-head", action="store_true",
                    help="quantize the LM head too (default: it stays in float, like the embeddings)")
+
+
+def add_parallel_flag(g) -> None:
+    """--tensor-parallel-size: one model over N devices (N processes on the CPU)."""
+    g.add_argument("--tensor-parallel-size", "-tp", type=number(int, 1), default=1, metavar="N",
+                   help="split the language model over N GPUs (on the CPU: N processes); llavakit starts the "
+                        "workers itself, or uses those of `torchrun --nproc-per-node N -m llavakit ...`")
 
 
 def quantization_arg(args: argparse.Namespace):
@@ -204,7 +212,7 @@ def load_pipeline(args: argparse.Namespace):
     return llavakit.load(name, dtype=args.dtype, device=args.device, vision_tower=args.vision_tower,
                          conv_mode=template_override(args), revision=args.revision, fetch_policy=FetchPolicy(),
                          num_frames=getattr(args, "video_frames", None), image_aspect_ratio=args.image_aspect_ratio,
-                         quantization=quantization)
+                         quantization=quantization, tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 def template_override(args: argparse.Namespace) -> str | None:

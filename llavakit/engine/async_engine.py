@@ -6,9 +6,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from llavakit.engine.llm_engine import LLMEngine, RequestOutput
+from llavakit.engine.model_runner import EngineDeadError
 from llavakit.processing.prompt import PromptInputs
 from llavakit.sampling import SamplingParams
 
@@ -16,8 +17,11 @@ from llavakit.sampling import SamplingParams
 class AsyncLLMEngine:
     """Wraps an LLMEngine; every engine call happens under one lock, steps on the worker thread."""
 
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, on_dead: Callable[[EngineDeadError], None] | None = None):
+        """`on_dead`: called once, on the engine thread, when the model can no longer run (EngineDeadError)."""
         self.engine = engine
+        self.on_dead = on_dead
+        self.dead: EngineDeadError | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -31,6 +35,8 @@ class AsyncLLMEngine:
         Bad requests raise here (ValueError) before anything is queued."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        if self.dead is not None:
+            raise self.dead
         with self._lock:
             self.engine.add_request(request_id, inputs, params)
             self._streams[request_id] = (loop, queue)
@@ -72,6 +78,14 @@ class AsyncLLMEngine:
         with self._lock:
             try:
                 outputs = self.engine.step()
+            except EngineDeadError as e:  # nothing can run any more: fail everything, stop stepping
+                self.dead, self._stopped = e, True
+                for loop, queue in self._streams.values():
+                    loop.call_soon_threadsafe(queue.put_nowait, e)
+                self._streams = {}
+                if self.on_dead is not None:
+                    self.on_dead(e)
+                return
             except Exception as e:  # a failed step fails its requests, not the server
                 failed, self._streams = self._streams, {}
                 for rid, (loop, queue) in failed.items():

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 
-from llavakit.engine.scheduler import ScheduledSeq
 from llavakit.layers.attention import PagedAttentionMetadata
 
 
@@ -86,23 +85,19 @@ class DecodeGraphs:
         self.captured = True
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        """Fill the buffers with the items' rows, replay their bucket -> logits (len(items), V), float32."""
-        s = len(items)
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int],
+            block_tables: list[list[int]]) -> torch.Tensor:
+        """Fill the buffers with a step's rows (one decode token each), replay their bucket -> logits
+        (rows, V), float32."""
+        s = len(token_ids)
         b = self.bucket(s)
-        bs = self.block_size
-        rows = [[], [], [], []]
-        for item in items:
-            pos = item.start
-            rows[0].append(item.seq.token_ids[pos])
-            rows[1].append(pos)
-            rows[2].append(item.seq.block_table[pos // bs] * bs + pos % bs)
-            rows[3].append(pos + 1)
         pad = b - s
-        host = torch.tensor([r + [fill] * pad for r, fill in zip(rows, (0, 0, self.trash_block * bs, 1), strict=True)])
-        width = max(len(item.seq.block_table) for item in items)
-        tables = torch.tensor([item.seq.block_table + [self.trash_block] * (width - len(item.seq.block_table))
-                               for item in items], dtype=torch.int32)
+        context = [p + 1 for p in positions]
+        rows = (token_ids, positions, slots, context)
+        host = torch.tensor([r + [fill] * pad for r, fill in
+                             zip(rows, (0, 0, self.trash_block * self.block_size, 1), strict=True)])
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [self.trash_block] * (width - len(t)) for t in block_tables], dtype=torch.int32)
         self.rows[:, :b].copy_(host, non_blocking=True)
         self.tables[:s, :width].copy_(tables, non_blocking=True)
         self.steps += 1
@@ -110,5 +105,5 @@ class DecodeGraphs:
             self.graphs[b].replay()
             logits = self.outputs[b]
         else:
-            logits = self._forward(b, rows[3] + [1] * pad)
+            logits = self._forward(b, context + [1] * pad)
         return logits[:s].to(torch.float32, copy=True)

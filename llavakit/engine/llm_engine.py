@@ -16,7 +16,7 @@ import torch
 
 from llavakit.config import EngineConfig
 from llavakit.engine.block_manager import BlockManager
-from llavakit.engine.model_runner import ModelRunner, num_kv_blocks
+from llavakit.engine.model_runner import make_runner
 from llavakit.engine.scheduler import Scheduler
 from llavakit.engine.sequence import MediaSpan, Sequence
 from llavakit.layers.sampler import sample_batch
@@ -90,10 +90,9 @@ class LLMEngine:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg or EngineConfig()
         context = model.cfg.text.context_length
         self.max_model_len = min(self.cfg.max_model_len or context, context)
-        blocks = num_kv_blocks(model, self.cfg, self.max_model_len)
-        self.block_manager = BlockManager(blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
+        self.runner = make_runner(model, self.cfg, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.cfg.block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.cfg, self.block_manager, self.max_model_len)
-        self.runner = ModelRunner(model, self.cfg, blocks, self.max_model_len)
         self.eos = {i for i in model.cfg.text.eos_token_ids + [tokenizer.eos_token_id] if i is not None}
         self._ids = itertools.count()
         self._tracks: dict[int, _Track] = {}

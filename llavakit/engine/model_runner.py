@@ -10,6 +10,7 @@ and kept in an LRU cache, so a repeated image or video or a resumed prompt never
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,10 +23,33 @@ from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.prompt import Media, PreparedVideo
 
 
+class EngineDeadError(RuntimeError):
+    """The model can no longer run in this process (a tensor-parallel worker stopped): every request fails
+    and a server should answer 503 and exit."""
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """One step as plain lists: the flat batch's tokens, where their keys and values go, which rows sample,
+    and the image/video features they read ((content hash, a, b): rows [a, b) of that item's features)."""
+
+    graph: bool = False  # every row one decode token: the CUDA-graph path runs it
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    context_lens: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # indexes of the sequences whose last token samples
+    sampling_seq_ids: list[int] = field(default_factory=list)
+    media: list[tuple[str, int, int]] = field(default_factory=list)
+    new_media: dict[str, Media] = field(default_factory=dict)  # the media no runner has encoded yet
+
+
 def kv_block_bytes(model: LlavaForConditionalGeneration, block_size: int) -> int:
-    """Bytes one KV block takes over all layers (keys and values)."""
+    """Bytes one KV block takes over all layers (keys and values) in this process."""
     t = model.cfg.text
-    per_token = t.num_key_value_heads * t.head_dim * model.dtype.itemsize
+    per_token = model.language_model.num_kv_heads * t.head_dim * model.dtype.itemsize
     return 2 * t.num_hidden_layers * block_size * per_token
 
 
@@ -82,8 +106,10 @@ class ModelRunner:
         self.device, dtype = model.device, model.dtype
         self.backend = resolve_backend(cfg.attention_backend, self.device)
         # One spare block past the block manager's range: CUDA-graph padding rows write their KV there.
+        self.num_blocks = num_blocks
         self.trash_block = num_blocks
-        shape = (num_blocks + 1, cfg.block_size, t.num_key_value_heads, t.head_dim)  # (blocks, slots, H_kv, D)
+        # (blocks, slots, H_kv, D): this rank's KV heads only under tensor parallelism
+        shape = (num_blocks + 1, cfg.block_size, model.language_model.num_kv_heads, t.head_dim)
         self.kv_cache = [(torch.zeros(shape, dtype=dtype, device=self.device),
                           torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(t.num_hidden_layers)]
         self.features: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -112,26 +138,41 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, media: dict[str, Media]) -> tuple[list[int], torch.Tensor]:
         """Compute one step; returns the seq_ids that sample and their next-token logits (S', V), fp32."""
-        if self.graphs is not None and self._graphable(batch):
-            logits = self.graphs.run(batch.items)
-            return [item.seq.seq_id for item in batch.items], logits
-        ids, positions, slots, feats = [], [], [], []
-        self._encode_missing(batch, media)
+        step = self.prepare(batch, media)
+        return step.sampling_seq_ids, self.run(step)
+
+    def prepare(self, batch: ScheduledBatch, media: dict[str, Media]) -> StepInputs:
+        """A step as plain lists (what tensor-parallel workers receive instead of the scheduler's objects)."""
+        bs = self.cfg.block_size
+        step = StepInputs(graph=self.graphs is not None and self._graphable(batch))
         for item in batch.items:
             seq, end = item.seq, item.start + item.num_tokens
-            ids += seq.token_ids[item.start:end]
-            positions += range(item.start, end)
-            slots += [seq.block_table[p // self.cfg.block_size] * self.cfg.block_size + p % self.cfg.block_size
-                      for p in range(item.start, end)]
-            feats += [self.features[span.content_hash][a:b] for span, a, b in seq.media_in(item.start, end)]
-        meta = self._metadata(batch, slots)
-        input_ids = torch.tensor([ids], device=self.device)
+            step.token_ids += seq.token_ids[item.start:end]
+            step.positions += range(item.start, end)
+            step.slots += [seq.block_table[p // bs] * bs + p % bs for p in range(item.start, end)]
+            step.query_lens.append(item.num_tokens)
+            step.context_lens.append(end)
+            step.block_tables.append(seq.block_table)
+            step.media += [(span.content_hash, a, b) for span, a, b in seq.media_in(item.start, end)]
+            if item.samples:
+                step.sample_rows.append(len(step.query_lens) - 1)
+                step.sampling_seq_ids.append(seq.seq_id)
+        step.new_media = {h: media[h] for h, _, _ in step.media if h not in self.features}
+        return step
+
+    @torch.inference_mode()
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """The model call for a prepared step -> logits of its sampling rows (S', V), fp32."""
+        if step.graph:
+            return self.graphs.run(step.token_ids, step.positions, step.slots, step.block_tables)
+        self._encode_missing(step)
+        feats = [self.features[h][a:b] for h, a, b in step.media]
+        meta = self._metadata(step)
+        input_ids = torch.tensor([step.token_ids], device=self.device)
         embeds = self.model.embed_inputs(input_ids, feats or None)
-        hidden = self.model(embeds, torch.tensor([positions], device=self.device), self.kv_cache, meta)
-        last = [i for i, item in enumerate(batch.items) if item.samples]
-        rows = meta.query_start_loc[1:][last] - 1
-        logits = self.model.compute_logits(hidden[0, rows]).float()
-        return [batch.items[i].seq.seq_id for i in last], logits
+        hidden = self.model(embeds, torch.tensor([step.positions], device=self.device), self.kv_cache, meta)
+        rows = meta.query_start_loc[1:][step.sample_rows] - 1
+        return self.model.compute_logits(hidden[0, rows]).float()
 
     def _graphable(self, batch: ScheduledBatch) -> bool:
         """Every row one token that samples and is no image placeholder, at most max_num_seqs rows."""
@@ -139,32 +180,29 @@ class ModelRunner:
             item.num_tokens == 1 and item.samples and not item.seq.media_in(item.start, item.start + 1)
             for item in batch.items)
 
-    def _metadata(self, batch: ScheduledBatch, slots: list[int]) -> PagedAttentionMetadata:
-        query_lens = [item.num_tokens for item in batch.items]
-        context_lens = [item.start + item.num_tokens for item in batch.items]
-        width = max(len(item.seq.block_table) for item in batch.items)
-        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch.items]
+    def _metadata(self, step: StepInputs) -> PagedAttentionMetadata:
+        query_lens = step.query_lens
+        context_lens = step.context_lens
+        width = max(len(t) for t in step.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in step.block_tables]
         starts = [0]
         for n in query_lens:
             starts.append(starts[-1] + n)
         dev = self.device
         return PagedAttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.long, device=dev),
             context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
             decode_only=all(n == 1 for n in query_lens), backend=self.backend)
 
-    def _encode_missing(self, batch: ScheduledBatch, media: dict[str, Media]) -> None:
-        """Encode every image and video this step needs that the cache does not hold."""
-        todo: dict[str, Media] = {}
-        for item in batch.items:
-            for span, _, _ in item.seq.media_in(item.start, item.start + item.num_tokens):
-                if span.content_hash in self.features:
-                    self.features.move_to_end(span.content_hash)
-                else:
-                    todo[span.content_hash] = media[span.content_hash]
+    def _encode_missing(self, step: StepInputs) -> None:
+        """Encode the step's images and videos the cache does not hold; the cache order follows use."""
+        for h, _, _ in step.media:
+            if h in self.features:
+                self.features.move_to_end(h)
+        todo = {h: m for h, m in step.new_media.items() if h not in self.features}
         if not todo:
             return
         items = list(todo.values())
@@ -176,3 +214,44 @@ class ModelRunner:
             self.features[key] = feats
         while len(self.features) > max(self.cfg.vision_cache_images, len(todo)):
             self.features.popitem(last=False)
+
+
+def build_runner(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
+    """This process's runner; under tensor parallelism every rank sizes its KV cache to what fits on all."""
+    blocks = num_kv_blocks(model, cfg, max_model_len)
+    tp = getattr(model, "tp", None)
+    return ModelRunner(model, cfg, blocks if tp is None else tp.min(blocks), max_model_len)
+
+
+def make_runner(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
+    """The engine's runner: rank 0's under tensor parallelism (it sends each step to the workers first)."""
+    workers = getattr(model, "tp_workers", None)
+    return build_runner(model, cfg, max_model_len) if workers is None else DrivingRunner(model, cfg, max_model_len)
+
+
+class DrivingRunner(ModelRunner):
+    """Rank 0's runner under tensor parallelism: each prepared step goes to the workers, which run it on their
+    shards while this rank runs it on its own (the model's collectives pair the ranks up)."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int):
+        self.workers = model.tp_workers
+        self.key = self.workers.runners
+        self.workers.runners += 1
+        self.workers.call("runner", self.key, cfg, max_model_len)
+        blocks = self.workers.tp.min(num_kv_blocks(model, cfg, max_model_len))
+        super().__init__(model, cfg, blocks, max_model_len)
+
+    def run(self, step: StepInputs) -> torch.Tensor:
+        self.workers.call("step", self.key, step)
+        self.workers.busy = True
+        try:
+            return super().run(step)
+        except RuntimeError as e:  # a collective failed: a worker is gone
+            raise self.workers.lost_error(e) from None
+        finally:
+            self.workers.busy = False
+
+    def release(self) -> None:
+        if not self.workers.lost and not self.workers.closed:
+            self.workers.call("release", self.key)
+        super().release()

@@ -149,6 +149,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope)
         self.checkpoint_layers = False  # gradient checkpointing, switched on by the trainer
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads per layer held in this process: all of them, or this rank's share under tensor parallelism."""
+        return self.layers[0].self_attn.num_kv_heads
+
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         """embeds (B, T, D), positions (B, T); kv_cache indexable by layer (or None) -> (B, T, D)."""
         cos, sin = self.rotary_emb(positions, embeds.dtype)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import logging
+import os
+import signal
 import threading
 import time
 import uuid
@@ -29,6 +32,7 @@ from starlette.requests import Request
 from llavakit.config import EngineConfig
 from llavakit.engine.async_engine import AsyncLLMEngine
 from llavakit.engine.llm_engine import LLMEngine, RequestOutput
+from llavakit.engine.model_runner import EngineDeadError
 from llavakit.pipeline import Pipeline
 from llavakit.processing.prompt import PreparedImage, PreparedVideo, PromptInputs
 from llavakit.sampling import SamplingParams
@@ -38,6 +42,8 @@ from llavakit.serve.images import ImageLimits, prepare_images
 from llavakit.serve.metrics import ServerMetrics
 from llavakit.serve.middleware import current_request
 from llavakit.serve.videos import VideoSettings, prepare_videos
+
+log = logging.getLogger("llavakit.serve")
 
 T = TypeVar("T")
 
@@ -120,7 +126,8 @@ class Service:
     def __init__(self, pipe: Pipeline, engine_cfg: EngineConfig, cfg: ServeConfig):
         self.cfg = cfg
         self.llm = LLMEngine(pipe.model, pipe.tokenizer, engine_cfg)
-        self.engine = AsyncLLMEngine(self.llm)
+        self._close_model = pipe.close
+        self.engine = AsyncLLMEngine(self.llm, on_dead=self._on_engine_dead)
         self.processor = pipe.processor
         # No token spans more characters than the longest vocabulary entry, so a text longer than
         # max_seq_len * this many characters is over any token limit without tokenizing it.
@@ -145,6 +152,8 @@ class Service:
 
     def admit(self, n: int) -> Ticket:
         """Room for a request of n sequences, or 503 with Retry-After (queue full, or shutting down)."""
+        if self.engine.dead is not None:
+            raise engine_dead()
         if self.draining:
             self.metrics.rejected.labels("shutting_down").inc()
             raise overloaded("the server is shutting down; retry on another instance", self.cfg.retry_after)
@@ -264,6 +273,9 @@ class Service:
         except ValueError as e:
             outcome = "refused"
             raise bad_request(str(e)) from None
+        except EngineDeadError:
+            outcome = "failed"
+            raise engine_dead() from None
         except RuntimeError:
             outcome = "failed"
             raise APIError(500, "generation failed on the server; retry the request", type="server_error",
@@ -290,9 +302,22 @@ class Service:
         await asyncio.gather(task, return_exceptions=True)
         raise ClientDisconnected
 
+    def _on_engine_dead(self, error: EngineDeadError) -> None:
+        """The model cannot run any more (a tensor-parallel worker stopped): refuse work and stop the server
+        (SIGTERM to this process: uvicorn's graceful shutdown), so a supervisor restarts it."""
+        log.error("%s; the server is shutting down", error)
+        self.start_draining()
+        os.kill(os.getpid(), signal.SIGTERM)
+
     def close(self) -> None:
         self.engine.shutdown()
+        self._close_model()  # tensor-parallel workers: before uvicorn re-raises the signal that stopped it
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def engine_dead() -> APIError:
+    return APIError(503, "the model's worker processes stopped; this server is shutting down, retry on another "
+                         "instance", type="server_error", code="engine_dead")
 
 
 def context_exceeded(message: str) -> APIError:

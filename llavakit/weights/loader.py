@@ -20,6 +20,8 @@ from llavakit.checkpoint_config import vision_tower_missing_message
 from llavakit.config import LlavaConfig
 from llavakit.layers.rotary import RotaryEmbedding
 from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.parallel.group import TPGroup
+from llavakit.parallel.tp import apply_tp
 from llavakit.quant.config import QuantConfig
 from llavakit.quant.quantize import quantize_skeleton
 from llavakit.weights.files import WeightsError, find_weight_files, iter_tensors
@@ -43,28 +45,34 @@ def default_weight_loader(param: torch.Tensor, tensor: torch.Tensor) -> torch.Te
 
 
 def load_llava(cfg: LlavaConfig, directory: Path, dtype: torch.dtype, device: torch.device,
-               quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
+               quantization: QuantConfig | None = None, tp: TPGroup | None = None) -> LlavaForConditionalGeneration:
     """The LLaVA model of `cfg` with the weights in `directory` (and a separate CLIP tower if needed),
-    quantized as it loads when `quantization` is given or the checkpoint is a compressed-tensors one."""
+    quantized as it loads when `quantization` is given or the checkpoint is a compressed-tensors one; with
+    `tp`, this rank's shard only (parallel.tp)."""
     sources = [(directory, cfg.layout)]
     if cfg.vision_tower_dir:
         sources.append((Path(cfg.vision_tower_dir), "clip"))
     quantization = choose_quantization(quantization, checkpoint_quantization(directory))
-    return load_parts(cfg, sources, dtype, device, quantization=quantization).eval()
+    return load_parts(cfg, sources, dtype, device, quantization=quantization, tp=tp).eval()
 
 
 def load_parts(cfg: LlavaConfig, sources: list[tuple[Path, str]], dtype: torch.dtype, device: torch.device,
                init_missing: tuple[str, ...] = (), loaders: dict | None = None,
-               quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
+               quantization: QuantConfig | None = None, tp: TPGroup | None = None) -> LlavaForConditionalGeneration:
     """Build `cfg`'s model on the meta device and fill it from (directory, layout) sources in order (the
     first source to supply a tensor wins). Parameters whose names start with `init_missing` may be
     absent: they get their module's fresh initialization. `loaders` maps parameter names to
     `weight_loader(param, tensor) -> tensor` functions (e.g. to resize an embedding). `quantization`:
-    quantize the language model's Linear layers as their weights are read."""
+    quantize the language model's Linear layers as their weights are read. `tp`: keep this rank's shard of
+    each tensor as it is read (parallel.tp)."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg)
         if quantization is not None:
             quantize_skeleton(model, quantization)
+    if tp is not None:
+        if loaders:
+            raise ValueError("tensor parallelism does not combine with custom weight loaders (training)")
+        apply_tp(model, tp)
     for name, fn in (loaders or {}).items():
         model.get_parameter(name).weight_loader = fn
     opened = [_source(d, layout) for d, layout in sources]
@@ -194,24 +202,30 @@ def _short_list(names: list[str]) -> str:
 
 
 def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, seed: int = 0,
-                 std: float = 0.02, quantization: QuantConfig | None = None) -> LlavaForConditionalGeneration:
+                 std: float = 0.02, quantization: QuantConfig | None = None,
+                 tp: TPGroup | None = None) -> LlavaForConditionalGeneration:
     """A model with random weights and no checkpoint (load_format="dummy"): built on the meta device,
     allocated once on `device` in `dtype` (never in float32 first), filled with N(0, std) weights, zero biases
     and unit norms. With `quantization`, each quantized layer's weight is drawn in float and quantized at
-    once (the same weights as quantizing the float model). A model that cannot fit in the memory `device`
-    has free is refused before allocating."""
+    once (the same weights as quantizing the float model). With `tp`, each tensor is drawn whole and this
+    rank's shard kept (the same model as without). A model that cannot fit in the memory `device` has free is
+    refused before allocating."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(cfg).to(dtype)
         shapes = [(name, p.shape) for name, p in model.named_parameters()]  # the float model's drawing order
         if quantization is not None:
             quantize_skeleton(model, quantization)
+    if tp is not None:
+        apply_tp(model, tp)
+    shards = {name: p.weight_loader for name, p in model.named_parameters() if hasattr(p, "weight_loader")}
     _check_fits(model, dtype, device, cfg.name_or_path)
     model.to_empty(device=device)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, shape in shapes:
             quantized = quantized_owner(model, name) if name.endswith("weight") else None
-            p = torch.empty(shape, dtype=dtype, device=device) if quantized else model.get_parameter(name)
+            whole = quantized or name in shards
+            p = torch.empty(shape, dtype=dtype, device=device) if whole else model.get_parameter(name)
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 1 and ("norm" in name or "layrnorm" in name):
@@ -220,6 +234,9 @@ def random_llava(cfg: LlavaConfig, dtype: torch.dtype, device: torch.device, see
                 p.normal_(0.0, std, generator=generator)
             if quantized:
                 fill_quantized(quantized, p, dtype, device)
+            elif name in shards:
+                target = model.get_parameter(name)
+                target.copy_(shards[name](target, p))
     if cfg.text.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.language_model.embed_tokens.weight
     _materialize_buffers(model, device)

@@ -64,7 +64,17 @@ def quantized_owner(model: nn.Module, target: str) -> QuantLinear | None:
 @torch.no_grad()
 def fill_quantized(module: QuantLinear, weight: torch.Tensor, dtype: torch.dtype, device: torch.device) -> list[str]:
     """Quantize a float weight (out, in) into `module`'s buffers, materialized on `device` with scales in `dtype`
-    (a skeleton's are on meta); returns the names of the buffers set."""
+    (a skeleton's are on meta); returns the names of the buffers set. A layer split by tensor parallelism
+    quantizes the whole weight, then keeps its part (so scales are those of the unsplit model)."""
+    if hasattr(module, "tp_split"):
+        from llavakit.parallel.tp import quantized_part
+
+        out_features, in_features = module.tp_full_shape
+        whole = QuantLinear(in_features, out_features, False, module.cfg, module.tp_style, device, dtype)
+        whole.set_weight(weight)
+        for name in SUFFIXES:
+            setattr(module, name, quantized_part(module, name, getattr(whole, name)).to(device))
+        return list(SUFFIXES)
     if module.weight_packed.is_meta or module.weight_scale.dtype != dtype:
         shapes = packed_shapes(module.out_features, module.in_features, module.cfg)
         module.weight_packed = torch.empty(shapes["weight_packed"], dtype=torch.int32, device=device)

@@ -71,7 +71,8 @@ def test_cpu_cache_is_capped_and_explicit_sizes_win(ckpt, monkeypatch):
 def test_cuda_sizing_still_follows_gpu_memory_utilization(ckpt, monkeypatch):
     llm = LLM(str(ckpt), dtype="float32", device="cpu", max_model_len=64, max_num_seqs=2)
     cfg = llm.pipe.model.cfg
-    fake = SimpleNamespace(cfg=cfg, device=torch.device("cuda"), dtype=torch.float16)
+    fake = SimpleNamespace(cfg=cfg, language_model=llm.pipe.model.language_model, device=torch.device("cuda"),
+                           dtype=torch.float16)
     per_block = kv_block_bytes(fake, 16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (60 << 30, 80 << 30))
     expected = int((60 << 30) - 0.1 * (80 << 30)) // per_block
