@@ -8,6 +8,7 @@ and the float32 value of every weight the save dtype rounds), read back with `we
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from collections import Counter
@@ -28,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.train.lora import NON_LORA_PREFIXES, save_adapter
 from llavakit.weights.files import find_weight_files, load_bin
-from llavakit.weights.save import save_llava_hf
+from llavakit.weights.save import check_hf_representable, save_llava_hf
+from llavakit.weights.save_original import TOWER_DIR, save_original
 
 STATE_FILE = "trainer_state.pt"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -80,17 +82,42 @@ def plain_model(cfg, state: dict[str, torch.Tensor]) -> LlavaForConditionalGener
 
 
 def write_model(directory: Path, model: LlavaForConditionalGeneration, stage: str, tokenizer: Any,
-                base: str, lora: dict, extra: dict[str, torch.Tensor]) -> None:
-    """The model part of a checkpoint: llava-hf files, or for LoRA the adapter + fully trained parts."""
+                base: str, lora: dict, extra: dict[str, torch.Tensor], final: Path | None = None) -> None:
+    """The model part of a checkpoint: llava-hf files (the original layout for what llava-hf cannot hold: a
+    `linear` projector, <im_start>/<im_end>), or for LoRA the adapter + fully trained parts."""
     if stage == "lora":
         save_adapter(model, directory, base_model=base, **lora)  # adapter + projector (llava-hf names)
         tokenizer.save_pretrained(directory)
+        return
+    try:
+        check_hf_representable(model.cfg)
+    except ValueError:
+        save_original(model, directory, tokenizer=tokenizer, extra_tensors=extra)
+        repoint_tower(directory, final or directory)
     else:
         save_llava_hf(model, directory, tokenizer=tokenizer, extra_tensors=extra)
 
 
-def save_checkpoint(directory: Path, write: callable, state: dict[str, Any], keep: int | None) -> Path:
-    """Write a checkpoint atomically: `write(tmp_dir)` then trainer state, then rename into place."""
+def repoint_tower(directory: Path, final: Path) -> None:
+    """An original-layout config names a tower saved beside it by absolute path: make it the path the checkpoint
+    will have (`final`) rather than where it was written (a temporary directory, or the checkpoint it was copied
+    from)."""
+    config = directory / "config.json"
+    raw = json.loads(config.read_text())
+    tower = directory / TOWER_DIR
+    if tower.is_dir() and Path(raw.get("mm_vision_tower", "")).name == TOWER_DIR:
+        raw["mm_vision_tower"] = str((final / TOWER_DIR).resolve())
+        write_json(config, raw)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_checkpoint(directory: Path, write: callable, state: dict[str, Any], keep: int | None,
+                    protect: Path | None = None) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` then trainer state, then rename into place. `keep`: the
+    newest checkpoint-N directories to keep, besides `protect` (the best one, under load_best_model_at_end)."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -101,7 +128,8 @@ def save_checkpoint(directory: Path, write: callable, state: dict[str, Any], kee
     tmp.rename(directory)
     if keep:
         for old in sorted_checkpoints(directory.parent)[:-keep]:
-            shutil.rmtree(old)
+            if old != protect:
+                shutil.rmtree(old)
     return directory
 
 
@@ -124,15 +152,16 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def training_state(module: nn.Module, optimizer, scheduler, step: int) -> dict[str, Any]:
+def training_state(module: nn.Module, optimizer, scheduler, step: int, scaler=None) -> dict[str, Any]:
     """Everything but the weights that resuming needs (collective under FSDP: call on every rank)."""
-    return {"step": step, "optimizer": get_optimizer_state_dict(module, optimizer, options=_FULL),
+    return {"step": step, "scaler": scaler.state_dict() if scaler is not None else {},
+            "optimizer": get_optimizer_state_dict(module, optimizer, options=_FULL),
             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python_rng": random.getstate()}
 
 
-def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler) -> int:
+def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler, scaler=None) -> int:
     """Load the weights the save dtype rounded, optimizer, scheduler and RNG state; returns the step to continue
     from."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
@@ -140,6 +169,8 @@ def restore_training_state(path: Path, module: nn.Module, optimizer, scheduler) 
         set_model_state_dict(module, state["weights"], options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])

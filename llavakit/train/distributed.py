@@ -58,8 +58,11 @@ def _fully_shard():
     return fully_shard
 
 
-def wrap(module: nn.Module, mode: str, info: DistInfo) -> nn.Module:
-    """DDP or FSDP around the training module (whose forward computes the loss)."""
+def wrap(module: nn.Module, mode: str, info: DistInfo, sharding: str = "full_shard",
+         cpu_offload: bool = False) -> nn.Module:
+    """DDP or FSDP around the training module (whose forward computes the loss). FSDP `sharding`: full_shard
+    (parameters freed after each layer's forward: ZeRO-3) or shard_grad_op (kept until the backward: ZeRO-2);
+    `cpu_offload` keeps sharded parameters and gradients in CPU memory (CUDA only)."""
     if not info.enabled:
         return module
     if mode in ("auto", "ddp"):
@@ -67,10 +70,15 @@ def wrap(module: nn.Module, mode: str, info: DistInfo) -> nn.Module:
         return nn.parallel.DistributedDataParallel(module, device_ids=[info.device] if info.device.type == "cuda"
                                                    else None, find_unused_parameters=True)
     fully_shard = _fully_shard()
+    options = {"reshard_after_forward": sharding == "full_shard"}
+    if cpu_offload and info.device.type == "cuda":
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        options["offload_policy"] = CPUOffloadPolicy()
     for sub in module.modules():
         if isinstance(sub, (LlamaDecoderLayer, CLIPEncoderLayer)):
-            fully_shard(sub)
-    fully_shard(module)
+            fully_shard(sub, **options)
+    fully_shard(module, **options)
     return module
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from llavakit.datafiles import read_json
 from llavakit.layers.linear import Linear
+from llavakit.quant.linear import QuantLinear
 from llavakit.weights.name_maps import LAYOUTS, LLAVA_HF, TRANSFORMERS_5, Rules, detect_layout, is_unused, map_name
 from llavakit.weights.save import TO_LLAVA_HF
 
@@ -86,10 +87,62 @@ class LoRALinear(Linear):
         return f"{super().extra_repr()}, tp_style={self.tp_style}, r={self.r}, alpha={self.alpha}"
 
 
+_REGEX_CHARS = set(".*+?[]()|^$\\")
+
+
+class QLoRALinear(nn.Module):
+    """QLoRA: a frozen quantized Linear (QuantLinear, llavakit.quant) plus a trainable low-rank update.
+
+    The base stays a submodule (`q_proj.base.weight_packed`, ...; adapters save under peft's names as for a float
+    base); its forward dequantizes the weight and multiplies (the quant reference path whenever gradients are
+    on), which is differentiable in x, so gradients reach the adapters and everything below them. No
+    bitsandbytes: int4/int8 round-to-nearest weights, on CPU and GPU alike.
+    """
+
+    def __init__(self, base: QuantLinear, r: int, alpha: float, dropout: float):
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features, self.tp_style = base.in_features, base.out_features, base.tp_style
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        dtype = base.weight_scale.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=base.weight_scale.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight_scale.device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(base.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        return out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
+
+    def merge(self) -> Linear:
+        """A float Linear: the dequantized base weight + B A * scaling, in the scale's dtype."""
+        with torch.no_grad():
+            w = self.base.dequantized_weight(torch.float32)
+            merged = (w + (self.lora_B.float() @ self.lora_A.float()) * self.scaling).to(self.lora_A.dtype)
+        with torch.device("meta"):
+            plain = Linear(self.in_features, self.out_features, self.base.bias is not None, self.tp_style)
+        plain.weight = nn.Parameter(merged, requires_grad=False)
+        plain.bias = self.base.bias
+        return plain.train(self.training)
+
+
 def _matches(name: str, targets: tuple[str, ...], scope: str) -> bool:
-    """peft's rule on the last name component, restricted to modules under `scope` ("" = whole model)."""
+    """peft's rule on the last name component, restricted to modules under `scope` ("" = whole model); a
+    target with regex characters (PaddleMIX's `lora_target_modules`) must match the whole module name."""
     in_scope = not scope or name.startswith(scope + ".")
-    return in_scope and any(name == t or name.endswith("." + t) for t in targets)
+    return in_scope and any(re.fullmatch(t, name) if _REGEX_CHARS & set(t) else name == t or name.endswith("." + t)
+                            for t in targets)
+
+
+def _adaptable(module: nn.Module) -> bool:
+    """A float Linear, or (QLoRA) a quantized one, without an adapter yet."""
+    return isinstance(module, (Linear, QuantLinear)) and not isinstance(module, (LoRALinear, QLoRALinear))
 
 
 def _check_wrappable(model: nn.Module, names) -> None:
@@ -98,7 +151,7 @@ def _check_wrappable(model: nn.Module, names) -> None:
             module = model.get_submodule(name)
         except AttributeError:
             module = None
-        if not isinstance(module, Linear) or isinstance(module, LoRALinear):
+        if not _adaptable(module):
             raise ValueError(f"cannot add LoRA to {name!r}: it is {type(module).__name__}, not a llavakit Linear "
                              "without an adapter (is the adapter for another base model?)")
 
@@ -106,7 +159,9 @@ def _check_wrappable(model: nn.Module, names) -> None:
 def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> None:
     _check_wrappable(model, names)
     for name in names:
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        base = model.get_submodule(name)
+        layer = QLoRALinear if isinstance(base, QuantLinear) else LoRALinear
+        model.set_submodule(name, layer(base, r, alpha, dropout))
 
 
 def apply_lora(model: nn.Module, r: int = 128, alpha: float = 256, dropout: float = 0.05,
@@ -116,24 +171,25 @@ def apply_lora(model: nn.Module, r: int = 128, alpha: float = 256, dropout: floa
     The wrapped layers' weights and biases are frozen and the adapters trainable; every other
     parameter keeps its requires_grad (the training recipe decides whether e.g. the projector trains).
     """
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, Linear) and not isinstance(m, LoRALinear) and _matches(n, tuple(targets), scope)]
+    names = [n for n, m in model.named_modules() if _adaptable(m) and _matches(n, tuple(targets), scope)]
     if not names:
-        raise ValueError(f"no Linear layer under {scope!r} is named any of {list(targets)}")
+        raise ValueError(f"no Linear layer under {scope!r} is named any of {list(targets)} (names match the end "
+                         "of a module name, regexes the whole name, e.g. language_model.layers.0.self_attn.q_proj)")
     _wrap(model, names, r, alpha, dropout)
     return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its weight, in place, leaving plain Linear layers (the inference model)."""
+    """Fold every adapter into its weight, in place, leaving plain Linear layers (the inference model; a QLoRA
+    layer becomes a float Linear holding its dequantized weight plus the update)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, QLoRALinear)):
             model.set_submodule(name, module.merge())
     return model
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear | QLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, QLoRALinear))}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,14 +209,16 @@ def non_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str, r: int = 128, alpha: float = 256,
-                 dropout: float = 0.05, targets: tuple[str, ...] = DEFAULT_TARGETS,
+                 dropout: float = 0.05, targets: tuple[str, ...] | None = None,
                  scope: str = "language_model") -> Path:
     """Write adapter_model.safetensors and adapter_config.json (peft LORA), and the projector (+ image_newline)
     as NON_LORA_FILE, to `out_dir`: everything a LoRA run changes, so base + `out_dir` is the trained model.
 
-    r/alpha/dropout/targets/scope are those given to apply_lora; r and alpha are checked against the model.
+    r/alpha/dropout/scope are those given to apply_lora; r and alpha are checked against the model. `targets`
+    (default: the last name component of each adapted layer) names the layers in adapter_config.json.
     """
     modules = _lora_modules(model)
+    targets = targets or tuple(sorted({n.rpartition(".")[2] for n in modules}))
     if not modules:
         raise ValueError("the model has no LoRA layers; call apply_lora (or load_adapter) first")
     for name, m in modules.items():

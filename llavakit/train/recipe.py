@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from llavakit.models.llava import LlavaForConditionalGeneration
 from llavakit.processing.media import FetchPolicy
 from llavakit.processing.prompt import PromptProcessor
 from llavakit.train import checkpoint as ckpt
-from llavakit.train.build import build_model, param_groups, set_trainable
+from llavakit.train.adapter import MM_PROJECTOR_FILE, mm_projector_state, save_mm_projector
+from llavakit.train.build import build_model, is_text_llm, param_groups, set_trainable
 from llavakit.train.config import TrainConfig
 from llavakit.train.data import (
     LlavaDataset,
@@ -44,8 +46,9 @@ from llavakit.train.distributed import (
     wrap,
 )
 from llavakit.train.distributed import cleanup as dist_cleanup
-from llavakit.train.lora import apply_lora, load_adapter
-from llavakit.train.metrics import TrainLogger, plot_loss_curve
+from llavakit.train.evaluate import evaluate
+from llavakit.train.lora import DEFAULT_TARGETS, apply_lora, load_adapter
+from llavakit.train.metrics import TRAINER_STATE_FILE, TrainLogger, plot_loss_curve, read_trainer_state, trainer_state
 from llavakit.weights.save import unused_source_tensors
 
 
@@ -123,6 +126,11 @@ class Run:
     save_dtype: torch.dtype
     steps_per_epoch: int
     total_steps: int
+    from_parts: bool
+    eval_dataset: LlavaDataset | None = None
+    scaler: torch.amp.GradScaler | None = None
+    best: tuple[float, Path] | None = None  # (lowest eval loss, its checkpoint)
+    started: float = field(default_factory=time.perf_counter)
     step: int = 0
     skipped: dict[int, str] = field(default_factory=dict)
     nonfinite_streak: int = 0
@@ -143,9 +151,12 @@ def train(cfg: TrainConfig, callbacks: list[Callable[[StepInfo], None]] = ()) ->
 def setup(cfg: TrainConfig) -> Run:
     info = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
+    if cfg.tf32:  # TF32 matrix products on Ampere+ (the original's --tf32); CPUs have no TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     output_dir = Path(cfg.output_dir)
     records = load_records(cfg.data_path)  # read and checked before the model loads: bad data fails in seconds
     check_image_files(records, _image_folder(cfg), cfg.max_bad_fraction)
+    eval_records = load_records(cfg.eval_data_path) if cfg.evaluation_strategy != "no" else None
     resume = ckpt.resolve_resume(cfg.resume_from_checkpoint, output_dir)
     model, processor, source = _model(cfg, info, resume)
     dataset = _dataset(cfg, records, processor, output_dir)
@@ -157,16 +168,32 @@ def setup(cfg: TrainConfig) -> Run:
         raise TrainingError(f"{len(dataset)} rows make no full global batch of {global_batch}; "
                             "lower the batch size or add data")
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    module = wrap(LossModule(model), cfg.distributed, info)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    module = wrap(LossModule(model), cfg.distributed, info, cfg.fsdp_sharding, cfg.cpu_offload)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total))
     save_dtype = getattr(torch, cfg.save_dtype) if cfg.save_dtype else ckpt.weights_dtype(source)
-    run = Run(cfg, info, model, module, processor, dataset, batches, optimizer, scheduler,
-              TrainLogger(output_dir, info.is_main), output_dir, _extra_tensors(cfg, model, source), save_dtype,
-              steps_per_epoch, total)
+    from_parts = is_text_llm(source)
+    logger = TrainLogger(output_dir, info.is_main, cfg.reporters, dataclasses.asdict(cfg), cfg.run_name)
+    run = Run(cfg, info, model, module, processor, dataset, batches, optimizer, scheduler, logger, output_dir,
+              _extra_tensors(cfg, model, source, from_parts), save_dtype, steps_per_epoch, total, from_parts)
+    if eval_records is not None:
+        run.eval_dataset = _dataset(cfg, eval_records, processor, output_dir)
+    # fp16 needs loss scaling: small gradients underflow in float16 (bf16 has float32's range and needs none).
+    run.scaler = torch.amp.GradScaler(info.device.type) if cfg.fp16 else None
     if resume is not None:
-        run.step = ckpt.restore_training_state(resume, module, optimizer, scheduler)
+        run.step = ckpt.restore_training_state(resume, module, optimizer, scheduler, run.scaler)
+        _restore_log_history(run, resume)
     return run
+
+
+def _restore_log_history(run: Run, resume: Path) -> None:
+    state = read_trainer_state(resume)
+    if state is not None:
+        run.logger.history = [e for e in state["log_history"] if e.get("step", 0) <= run.step]
+        best = state.get("best_model_checkpoint")
+        if best and Path(best).is_dir():
+            run.best = (state["best_metric"], Path(best))
 
 
 def _model(cfg: TrainConfig, info: DistInfo, resume: Path | None):
@@ -178,10 +205,15 @@ def _model(cfg: TrainConfig, info: DistInfo, resume: Path | None):
         if resume is not None:
             load_adapter(model, resume)  # adapter and projector
         else:
-            apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+            apply_lora(model, **lora_options(cfg))
     set_trainable(model, cfg)
     model.language_model.checkpoint_layers = cfg.gradient_checkpointing
     return model.train(), processor, source
+
+
+def lora_options(cfg: TrainConfig) -> dict[str, Any]:
+    return dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                targets=tuple(cfg.lora_target_modules or DEFAULT_TARGETS))
 
 
 def _image_folder(cfg: TrainConfig) -> Path | None:
@@ -206,19 +238,19 @@ def _dataset(cfg: TrainConfig, records: list, processor: PromptProcessor, output
                         FetchPolicy())
 
 
-def _extra_tensors(cfg: TrainConfig, model: LlavaForConditionalGeneration, source: Path) -> dict:
+def _extra_tensors(cfg: TrainConfig, model: LlavaForConditionalGeneration, source: Path, from_parts: bool) -> dict:
     """Tower tensors llavakit never built, carried into saved checkpoints so transformers finds them."""
     if cfg.stage == "lora":
         return {}
-    if cfg.stage == "pretrain":
+    if from_parts:
         clip = dataclasses.replace(model.cfg, layout="clip", vision_tower_dir=None)
         return unused_source_tensors(Path(cfg.vision_tower), clip)
     return unused_source_tensors(source, model.cfg)
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
-    """Learning-rate multiplier per step: linear warmup over warmup_ratio, then the schedule."""
-    warmup = math.ceil(cfg.warmup_ratio * total)
+    """Learning-rate multiplier per step: linear warmup over warmup_steps (else warmup_ratio), then the schedule."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
 
     def factor(step: int) -> float:
         if step < warmup and cfg.lr_scheduler_type != "constant":
@@ -294,16 +326,49 @@ def train_loop(run: Run, callbacks) -> None:
                             seen / max(time.perf_counter() - start, 1e-9), len(run.skipped))
             run.history.append(info)
             if run.step % cfg.logging_steps == 0 or run.step == run.total_steps:
-                run.logger.log({"epoch": epoch, **dataclasses.asdict(info)})
+                run.logger.log({"epoch": epoch, **dataclasses.asdict(info)}, _epoch(run))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{info.lr:.2e}")
-            if run.step % cfg.save_steps == 0 and run.step < run.total_steps:
-                save(run, run.output_dir / f"checkpoint-{run.step}")
+            _evaluate_and_save(run)
             for callback in callbacks:
                 callback(info)
     if run.history and not any(s.tokens for s in run.history):
         raise TrainingError(f"no step had a row to learn from: all {len(run.skipped)} rows read were skipped (each "
                             "listed above with its reason); fix the data")
+
+
+def _epoch(run: Run) -> float:
+    return round(run.step / run.steps_per_epoch, 4)
+
+
+def _due(run: Run, strategy: str, every: int) -> bool:
+    """Whether a `steps` / `epoch` event falls on the step just finished."""
+    return (strategy == "steps" and run.step % every == 0) or (
+        strategy == "epoch" and run.step % run.steps_per_epoch == 0)
+
+
+def _evaluate_and_save(run: Run) -> None:
+    """Evaluate and write checkpoint-N when the strategies say so; with load_best_model_at_end a checkpoint is
+    written at every evaluation (so the best one exists to become final/)."""
+    cfg = run.cfg
+    evaluated = run.eval_dataset is not None and _due(run, cfg.evaluation_strategy, cfg.eval_every)
+    if evaluated:
+        metrics = evaluate(run.module, run.eval_dataset, cfg.per_device_eval_batch_size, run.info,
+                           run.info.enabled and cfg.distributed == "fsdp", _autocast(run))
+        run.logger.log_eval(metrics, run.step, _epoch(run))
+        if run.info.is_main:
+            tqdm.write(f"step {run.step}: eval loss {metrics['eval_loss']:.4f}")
+    if (evaluated and cfg.load_best_model_at_end) or _due(run, cfg.save_strategy, cfg.save_steps):
+        directory = run.output_dir / f"checkpoint-{run.step}"
+        if evaluated and cfg.load_best_model_at_end and (run.best is None or metrics["eval_loss"] < run.best[0]):
+            run.best = (metrics["eval_loss"], directory)
+        if run.step < run.total_steps or cfg.load_best_model_at_end:
+            save(run, directory)
+
+
+def _autocast(run: Run):
+    dtype = torch.float16 if run.cfg.fp16 else torch.bfloat16
+    return torch.autocast(run.info.device.type, dtype=dtype, enabled=run.cfg.bf16 or run.cfg.fp16)
 
 
 def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]:
@@ -316,7 +381,7 @@ def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]
         return math.nan, 0, 0
     fsdp = info.enabled and run.cfg.distributed == "fsdp"
     loss_sum, seen = 0.0, 0
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=run.cfg.bf16)
+    autocast = _autocast(run)
     for batch, any_rank_images in zip(micro, images, strict=True):
         if not batch["indices"] and not info.enabled:
             continue  # all its rows skipped; under torchrun the empty batch still runs: every rank takes part
@@ -325,7 +390,8 @@ def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]
                                [p.to(info.device) for p in batch["pixel_values"]], batch["image_sizes"],
                                blank_image=fsdp and any_rank_images > 0)
         # DDP/FSDP average gradients over ranks: scale by world size so the global sum / tokens results.
-        (ce * info.world_size / total_tokens).backward()
+        loss = ce * info.world_size / total_tokens
+        (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
         loss_sum += float(ce.detach())
         seen += int((batch["input_ids"] != run.dataset.pad_id).sum())
     return all_reduce_sum(loss_sum, info) / total_tokens, total_tokens, all_reduce_sum(seen, info)
@@ -333,8 +399,19 @@ def _forward_backward(run: Run, micro: list[dict]) -> tuple[float, float, float]
 
 def _optimizer_step(run: Run, loss: float) -> float:
     params = [p for p in run.module.parameters() if p.requires_grad]
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if run.scaler is not None and math.isfinite(loss):
+        # The scaler skips a step whose gradients overflowed and lowers the scale: expected, not a divergence.
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        if math.isfinite(norm):
+            run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.nonfinite_streak = 0
+        return norm
     if not (math.isfinite(loss) and math.isfinite(norm)):
         run.nonfinite_streak += 1
         run.optimizer.zero_grad(set_to_none=True)
@@ -369,7 +446,7 @@ def _account_skipped(run: Run, micro: list[dict]) -> None:
 def save(run: Run, directory: Path) -> None:
     """A checkpoint at `directory` (collective: every rank gathers, rank 0 writes), its weights in the save dtype."""
     state = ckpt.full_model_state(run.module)
-    training = ckpt.training_state(run.module, run.optimizer, run.scheduler, run.step)
+    training = ckpt.training_state(run.module, run.optimizer, run.scheduler, run.step, run.scaler)
     if not run.info.is_main:
         return
     training["weights"] = ckpt.rounded_weights(state, run.save_dtype, run.cfg.stage)
@@ -379,23 +456,72 @@ def save(run: Run, directory: Path) -> None:
         with torch.random.fork_rng(devices=[]):  # adapter init draws random numbers: keep training's RNG as saved
             model = _with_lora_tensors(run, model, state)
     lora = dict(r=run.cfg.lora_r, alpha=run.cfg.lora_alpha, dropout=run.cfg.lora_dropout)
-    ckpt.save_checkpoint(directory, lambda d: ckpt.write_model(d, model, run.cfg.stage, run.processor.tokenizer,
-                                                               run.cfg.model, lora, run.extra_tensors),
-                         training, run.cfg.save_total_limit)
+    mm_projector = _mm_projector(run, state)
+
+    def write(d: Path) -> None:
+        ckpt.write_model(d, model, run.cfg.stage, run.processor.tokenizer, run.cfg.model, lora, run.extra_tensors,
+                         directory)
+        if mm_projector is not None:
+            save_mm_projector(mm_projector, d / MM_PROJECTOR_FILE)
+        ckpt.write_json(d / TRAINER_STATE_FILE, _trainer_state(run))
+    ckpt.save_checkpoint(directory, write, training, run.cfg.save_total_limit,
+                         protect=run.best[1] if run.best else None)
+
+
+def _mm_projector(run: Run, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """A projector-only run's mm_projector.bin (original names), which --pretrain_mm_mlp_adapter reads."""
+    if run.cfg.stage != "pretrain":
+        return None
+    return mm_projector_state(state, run.model.cfg.projector_type == "linear", run.cfg.mm_use_im_start_end)
+
+
+def _trainer_state(run: Run) -> dict[str, Any]:
+    cfg = run.cfg
+    best = {"best_metric": run.best[0], "best_model_checkpoint": str(run.best[1])} if run.best else {}
+    return trainer_state(run.logger.history, epoch=_epoch(run), global_step=run.step, max_steps=run.total_steps,
+                         num_train_epochs=math.ceil(run.total_steps / run.steps_per_epoch),
+                         logging_steps=cfg.logging_steps, eval_steps=cfg.eval_every, save_steps=cfg.save_steps,
+                         train_batch_size=cfg.per_device_train_batch_size, **best)
 
 
 def _with_lora_tensors(run: Run, model, state: dict[str, Any]):
-    """A LoRA-shaped copy holding the gathered adapter tensors (so save_adapter can write them)."""
-    apply_lora(model, r=run.cfg.lora_r, alpha=run.cfg.lora_alpha, dropout=run.cfg.lora_dropout)
-    model.load_state_dict(state, assign=True)
+    """A LoRA-shaped copy holding the gathered adapter tensors (so save_adapter can write them); a QLoRA run's
+    quantized base tensors have no place in it and stay out (only adapters and the projector are saved)."""
+    apply_lora(model, **lora_options(run.cfg))
+    model.load_state_dict(state, strict=run.cfg.quantization is None, assign=True)
     return model
 
 
 def finish(run: Run) -> None:
-    """The final model in output_dir, plus the loss curve."""
-    save(run, run.output_dir / "final")
+    """The final model in output_dir (with load_best_model_at_end: a copy of the best checkpoint), its
+    trainer_state.json, a projector-only run's mm_projector.bin beside it, and the loss curve."""
+    final = run.output_dir / "final"
+    _summary(run)
+    if run.best is None:
+        save(run, final)
+    elif run.info.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(run.best[1], final)
+        if run.cfg.stage != "lora":
+            ckpt.repoint_tower(final, final)
+        tqdm.write(f"final/ is {run.best[1].name}, the lowest eval loss ({run.best[0]:.4f})")
     if run.info.is_main:
-        plot_loss_curve(run.logger.path, run.output_dir / "loss_curve.png")
+        ckpt.write_json(run.output_dir / TRAINER_STATE_FILE, _trainer_state(run))
+        if (final / MM_PROJECTOR_FILE).is_file():  # where the original's scripts look for it
+            shutil.copyfile(final / MM_PROJECTOR_FILE, run.output_dir / MM_PROJECTOR_FILE)
+        plot_loss_curve(run.logger.path, run.output_dir / "loss_curve.png", run.logger.eval_path)
+
+
+def _summary(run: Run) -> None:
+    """transformers' last log_history entry: the run's mean loss and speed."""
+    losses = [s.loss for s in run.history if s.tokens]
+    runtime = time.perf_counter() - run.started
+    samples = len(run.history) * run.cfg.per_device_train_batch_size * run.info.world_size * \
+        run.cfg.gradient_accumulation_steps
+    run.logger.log_summary({"train_loss": sum(losses) / len(losses) if losses else math.nan,
+                            "train_runtime": round(runtime, 4),
+                            "train_samples_per_second": round(samples / runtime, 3),
+                            "train_steps_per_second": round(len(run.history) / runtime, 3)}, run.step, _epoch(run))
 
 
 def cleanup(run: Run) -> None:
