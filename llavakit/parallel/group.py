@@ -36,8 +36,13 @@ class TPGroup:
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `x` along the last dimension (vocabulary-parallel logits)."""
+        x = x.contiguous()
+        if x.is_cuda:  # NCCL: one output tensor (what CUDA-graph capture takes), rank-major, then moved last
+            out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(out, x, group=self.group)
+            return out.movedim(0, -2).reshape(*x.shape[:-1], -1)
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
+        dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
 
     def send(self, message: object) -> None:
