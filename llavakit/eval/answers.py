@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from llavakit import datafiles
+from llavakit.scale.questions import ANSWERS_FORMAT
 
 # The VQA challenge's contraction table, verbatim (its oddities included, e.g. "somebody'd" -> "somebodyd").
 CONTRACTIONS = {
@@ -146,7 +147,6 @@ def extract_choice(text: str, letters: str = "ABCDEFGH") -> str | None:
     return parens.pop() if parens else None
 
 
-ANSWERS_FORMAT = "llavakit predict's answers: one {\"question_id\", \"text\"} object per line (model_vqa JSONL)"
 
 
 def read_answers(path: str | Path) -> dict[str, str]:
