@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     quantization = quantization_arg(args)  # usage errors before the model loads
     if quantization is not None and args.compare_transformers:
         raise UsageError("--compare-transformers runs transformers on the same float weights; drop --quantization")
+    if args.tensor_parallel_size > 1 and args.compare_transformers:
+        raise UsageError("--compare-transformers runs transformers on one device; drop --tensor-parallel-size")
     threads = set_threads(args)
     pipe = llavakit.load(args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
                          tokenizer=args.tokenizer, image_aspect_ratio=args.image_aspect_ratio,

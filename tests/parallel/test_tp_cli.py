@@ -55,3 +55,9 @@ def test_the_flag_needs_a_positive_whole_number():
         main([*ASK, "--tensor-parallel-size", "0"])
     assert e.value.code == 2
 
+
+
+def test_bench_against_transformers_stays_on_one_device(capsys):
+    args = ["bench", "--model", "bench-small", "--load-format", "dummy", "--compare-transformers"]
+    assert main([*args, "--tensor-parallel-size", "2"]) == 2
+    assert "drop --tensor-parallel-size" in capsys.readouterr().err
