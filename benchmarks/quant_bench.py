@@ -4,11 +4,13 @@ Layers: (out x in) 4096x4096 and 11008x4096 at 1, 8 and 32 rows, float32 / bfloa
 (the reference dequantize-then-matmul, the AVX2 kernel, torch._weight_int8pack_mm; --attempts adds
 torch.compile'd fused loops). Decode: the `bench-small` preset (dummy weights) greedy at batch 1 with a
 contiguous KV cache, float32 / bfloat16 / w8a16 / w4a16, LM head float and (--quantize-lm-head rows) quantized.
+Prefill: the same layers at 64, 256 and 512 rows, float against the reference and the blocked many-row path.
 Runs are interleaved (one of each candidate per round) so load from other processes hits them alike; min and
 median are reported. Writes JSON and a PNG under --out, named with the date and machine.
 
     python benchmarks/quant_bench.py [--threads 2] [--rounds 15] [--decode-tokens 64] [--attempts] [--out DIR]
     python benchmarks/quant_bench.py --rounds 3 --decode-tokens 8 --out /tmp/bench  # smoke run
+    python benchmarks/quant_bench.py --parts prefill --rounds 7   # one part: written as quant_bench_prefill_...
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from llavakit.quant import QuantConfig, formats, kernels, quantize
 
 LAYERS = [(4096, 4096), (11008, 4096)]
 ROWS = [1, 8, 32]
+PREFILL_ROWS = [64, 256, 512]
+PARTS = ("layers", "decode", "prefill")
 
 
 def cpu_name() -> str:
@@ -81,6 +85,31 @@ def layer_bench(rounds: int, attempts: bool) -> list[dict]:
     return results
 
 
+def prefill_candidates(out: int, k: int, rows: int) -> dict:
+    w = torch.randn(out, k) * 0.02
+    x = torch.randn(rows, k)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    cands = {"float32": lambda: F.linear(x, w), "bfloat16": lambda: F.linear(xb, wb)}
+    for cfg in (QuantConfig("w8a16"), QuantConfig("w4a16")):
+        t = formats.quantize_weight(w, cfg)
+        p, s = t["weight_packed"], t["weight_scale"]
+        cands[f"{cfg.method} reference"] = lambda p=p, s=s, cfg=cfg: kernels.reference(x, p, s, None, cfg)
+        if kernels.cpu_blocked_fits(x, p, cfg):
+            cands[f"{cfg.method} blocked"] = lambda p=p, s=s, cfg=cfg: kernels.cpu_blocked(x, p, s, None, cfg)
+    return cands
+
+
+def prefill_bench(rounds: int) -> list[dict]:
+    results = []
+    for out, k in LAYERS:
+        for rows in PREFILL_ROWS:
+            with torch.no_grad():
+                timing = interleaved(prefill_candidates(out, k, rows), rounds)
+            results.append({"out_features": out, "in_features": k, "rows": rows, "timings": timing})
+            print(f"{out}x{k} rows={rows}: " + ", ".join(f"{n} {t['median_ms']:.1f}" for n, t in timing.items()))
+    return results
+
+
 def decode_tokens_per_s(model, tokens: int, prompt: int = 32) -> float:
     """Greedy bs1 decode with a contiguous KV cache; decode tokens per second (prefill excluded)."""
     from llavakit.layers.attention import AttentionMetadata, KVCache
@@ -126,12 +155,15 @@ def decode_bench(tokens: int, rounds: int) -> dict:
     return result
 
 
-def chart(report: dict, path: Path) -> None:
+def chart(report: dict, path: Path) -> bool:
+    """The PNG of a run with layers and decode; False (nothing written) for a run of other parts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if "layers" not in report or "decode" not in report:
+        return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     one_row = [r for r in report["layers"] if r["rows"] == 1]
     names = list(one_row[0]["timings"])
@@ -149,6 +181,7 @@ def chart(report: dict, path: Path) -> None:
     fig.suptitle(f"{report['machine']}, {report['threads']} threads, {report['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    return True
 
 
 def main() -> None:
@@ -157,22 +190,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--attempts", action="store_true", help="also time torch.compile'd fused loops (slow build)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     report = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU {cpu_name()}",
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-              "threads": args.threads, "rounds": args.rounds, "protocol": "interleaved rounds, min and median",
-              "layers": layer_bench(args.rounds, args.attempts),
-              "decode": decode_bench(args.decode_tokens, args.rounds),
-              "decode_tokens": args.decode_tokens}
+              "threads": args.threads, "rounds": args.rounds, "protocol": "interleaved rounds, min and median"}
+    parts = [part for part in PARTS if part in args.parts.split(",")]
+    if "layers" in parts:
+        report["layers"] = layer_bench(args.rounds, args.attempts)
+    if "decode" in parts:
+        report["decode"] = decode_bench(args.decode_tokens, args.rounds)
+        report["decode_tokens"] = args.decode_tokens
+    if "prefill" in parts:
+        report["prefill"] = prefill_bench(args.rounds)
     report["load_average"] = {"before": load_before, "after": os.getloadavg()}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"quant_bench_cpu-{os.cpu_count()}c_{report['date']}"
+    label = "" if len(parts) == len(PARTS) else "_" + "-".join(parts)  # a partial run keeps the full one's file
+    name = f"quant_bench{label}_cpu-{os.cpu_count()}c_{report['date']}"
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    chart(report, args.out / f"{name}.png")
-    print(f"wrote {args.out / name}.json and .png")
+    png = chart(report, args.out / f"{name}.png")
+    print(f"wrote {args.out / name}.json" + (" and .png" if png else ""))
 
 
 if __name__ == "__main__":

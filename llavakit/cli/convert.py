@@ -21,6 +21,7 @@ EXAMPLE = """examples:
   llavakit convert --model llava-hf/llava-1.5-7b-hf --out llava-v1.5-7b --layout original
 """
 LAYOUTS = ("llava-hf", "original")
+VOCAB_MULTIPLE = 64  # transformers' LLaVA conversion pads a grown vocabulary to a multiple of 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,7 @@ def convert_checkpoint(model: str | Path, out: Path, *, layout: str | None = Non
     extra = unused_source_tensors(directory, cfg)
     if layout == "original":
         return save_original(net, out, processor.tokenizer, extra_tensors=extra)
-    tokenizer, token = _with_image_token(processor.tokenizer, cfg)
+    tokenizer, token = _with_image_token(net, processor.tokenizer)
     return save_llava_hf(net, out, tokenizer, extra_tensors=extra, image_token_id=token)
 
 
@@ -97,16 +98,23 @@ def source_dtype(directory: Path):
     return torch.float32
 
 
-def _with_image_token(tokenizer, cfg):
-    """llava-hf marks images with a real "<image>" token: an original-layout model (placeholder -200) gets one
-    added to its tokenizer, which must fall inside the embedding."""
-    if cfg.image_token_id >= 0:
+def _with_image_token(net, tokenizer):
+    """llava-hf marks images with a real "<image>" token where an original-layout model has the -200 placeholder:
+    give it "<image>" and "<pad>" (the pad token) as transformers' convert_llava_weights_to_hf does, and where the
+    embedding has no rows for them (liuhaotian/llava-v1.5-7b keeps 32000), grow the embedding and LM head to the
+    next multiple of 64 (32064 for LLaMA, as llava-hf's checkpoints have). Returns (tokenizer, image token id)."""
+    from transformers import AddedToken
+
+    from llavakit.weights.save import grow_vocabulary
+
+    if net.cfg.image_token_id >= 0:
         return tokenizer, None
     if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_tokens(["<image>"], special_tokens=True)
-    token = tokenizer.convert_tokens_to_ids("<image>")
-    if token >= cfg.text.vocab_size:
-        raise ValueError(f"the llava-hf layout needs an '<image>' token, but this model's embedding has no room for "
-                         f"one (vocab_size {cfg.text.vocab_size}, '<image>' would be {token}); keep it in the "
-                         "original layout (--layout original)")
-    return tokenizer, token
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    if "<pad>" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if len(tokenizer) > net.cfg.text.vocab_size:
+        grow_vocabulary(net, -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+    if tokenizer.pad_token_id is not None:
+        net.cfg.text.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, tokenizer.convert_tokens_to_ids("<image>")

@@ -6,7 +6,7 @@ state_dict is a compressed-tensors checkpoint and a checkpoint loads into it by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(shapes["weight_scale"], dtype=dtype, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self.repacked: dict = {}  # the weight repacked for a GPU kernel on first use (kernels.cuda_prepared)
 
     @classmethod
     @torch.no_grad()
@@ -73,7 +74,7 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.packed(), self.cfg, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.weight_packed, self.weight_scale, self.bias, self.cfg)
+        return quant_linear(x, self.weight_packed, self.weight_scale, self.bias, self.cfg, self.repacked)
 
     @staticmethod
     @torch.no_grad()
@@ -106,6 +107,7 @@ class FusedQuantProduct:
     packed: torch.Tensor
     scale: torch.Tensor
     cfg: QuantConfig
+    repacked: dict = field(default_factory=dict, compare=False)  # as QuantLinear.repacked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.packed, self.scale, None, self.cfg)
+        return quant_linear(x, self.packed, self.scale, None, self.cfg, self.repacked)

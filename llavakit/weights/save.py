@@ -20,9 +20,12 @@ from typing import Any
 
 import torch
 from huggingface_hub import save_torch_state_dict
+from torch import nn
 
 from llavakit.config import ImageConfig, LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from llavakit.models.llava import LlavaForConditionalGeneration
+from llavakit.quant.formats import quantize_weight
+from llavakit.quant.linear import QuantLinear
 from llavakit.quant.quantize import quantize_skeleton
 from llavakit.weights.files import find_weight_files, iter_tensors
 from llavakit.weights.name_maps import LAYOUTS, Rules, detect_layout, is_unused, map_name
@@ -270,6 +273,45 @@ def _check_tokenizer(tokenizer: Any, token: int) -> None:
     if vocab_id != token:
         raise ValueError(f"the tokenizer's '<image>' token is {vocab_id}, but the model's image token id is {token}; "
                          "add '<image>' to the tokenizer and pass its id as image_token_id")
+
+
+@torch.no_grad()
+def grow_vocabulary(model: LlavaForConditionalGeneration, rows: int) -> None:
+    """Give the embedding and the LM head `rows` rows (and model.cfg the new vocab_size). The new embedding rows
+    are the mean of the old ones (the mean of the distribution transformers' conversion samples them from: so
+    deterministic; "<image>" and "<pad>" rows are never looked up anyway); the new LM head rows are the mean of the
+    LM head's, so a new token's logit is the mean of the old tokens' logits, never above the greedy pick: greedy
+    answers stay those of the source model."""
+    embed = model.language_model.embed_tokens
+    embed.weight = nn.Parameter(_with_mean_rows(embed.weight, rows), requires_grad=embed.weight.requires_grad)
+    embed.num_embeddings = rows
+    head = model.lm_head
+    if model.cfg.text.tie_word_embeddings:
+        head.weight = embed.weight
+    elif isinstance(head, QuantLinear):
+        model.lm_head = _quantized_with_mean_rows(head, rows)
+    else:
+        head.weight = nn.Parameter(_with_mean_rows(head.weight, rows), requires_grad=head.weight.requires_grad)
+    model.lm_head.out_features = rows
+    model.cfg.text.vocab_size = rows
+
+
+def _with_mean_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, D) -> (rows, D): the rows past n are the mean row (computed in float32)."""
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)  # (1, D)
+    return torch.cat([weight, mean.expand(rows - weight.shape[0], -1)])
+
+
+def _quantized_with_mean_rows(head: QuantLinear, rows: int) -> QuantLinear:
+    """A quantized LM head quantizes each row on its own: the new rows are the quantized mean dequantized row."""
+    grown = QuantLinear(head.in_features, rows, False, head.cfg, head.tp_style, head.weight_scale.device,
+                        head.weight_scale.dtype)
+    mean = head.dequantized_weight().float().mean(dim=0, keepdim=True).to(head.weight_scale.dtype)  # (1, D)
+    new = quantize_weight(mean.expand(rows - head.out_features, -1), head.cfg)
+    grown.weight_packed.copy_(torch.cat([head.weight_packed, new["weight_packed"]]))
+    grown.weight_scale.copy_(torch.cat([head.weight_scale, new["weight_scale"]]))
+    grown.weight_shape.copy_(torch.tensor([rows, head.in_features]))
+    return grown
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -71,3 +71,37 @@ void qgemv_int4(const float *x, const uint8_t *w, const float *scale, float *y, 
                 int64_t group, int nthreads) {
     qgemv(x, w, scale, y, B, N, K, group, 4, nthreads);
 }
+
+/* Output rows [n0, n1) of the weight in fp32, row-major (n1 - n0, K): out = scale * q. The many-row path
+ * (kernels.cpu_blocked) multiplies each such block with one float GEMM. Single-threaded on purpose: an OpenMP
+ * region here leaves its threads spinning against torch's while the GEMM runs (measured slower on 2 cores). */
+static inline void dequant(const uint8_t *w, const float *scale, float *out, int64_t n0, int64_t n1, int64_t K,
+                           int64_t group, int bits) {
+    const int64_t groups = K / group, row_bytes = K * bits / 8;
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        const float *s = scale + n * groups;
+        float *o = out + (n - n0) * K;
+        for (int64_t g = 0; g < groups; g++) {
+            const __m256 sg = _mm256_set1_ps(s[g]);
+            for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+                __m128i lo, hi;
+                load_block(row, k, bits, &lo, &hi);
+                _mm256_storeu_ps(o + k, _mm256_mul_ps(sg, widen(lo)));
+                _mm256_storeu_ps(o + k + 8, _mm256_mul_ps(sg, widen(_mm_srli_si128(lo, 8))));
+                _mm256_storeu_ps(o + k + 16, _mm256_mul_ps(sg, widen(hi)));
+                _mm256_storeu_ps(o + k + 24, _mm256_mul_ps(sg, widen(_mm_srli_si128(hi, 8))));
+            }
+        }
+    }
+}
+
+void dequant_int8(const uint8_t *w, const float *scale, float *out, int64_t n0, int64_t n1, int64_t K,
+                  int64_t group) {
+    dequant(w, scale, out, n0, n1, K, group, 8);
+}
+
+void dequant_int4(const uint8_t *w, const float *scale, float *out, int64_t n0, int64_t n1, int64_t K,
+                  int64_t group) {
+    dequant(w, scale, out, n0, n1, K, group, 4);
+}
