@@ -56,12 +56,15 @@ def rounded_weights(state: dict[str, torch.Tensor], dtype: torch.dtype, stage: s
     """The exact values of the weights that saving in `dtype` rounds and that resuming reads back from the
     checkpoint's model files (LoRA: adapter and projector; its base comes from the model it started from). Kept
     in trainer_state.pt, so a resumed run goes on from the weights the interrupted one had."""
-    def read_back(name: str) -> bool:
-        name = name.removeprefix("model.")
-        return stage != "lora" or ".lora_" in name or name.startswith(NON_LORA_PREFIXES)
+    return {name: t for name, t in state.items() if (stage != "lora" or lora_saved(name)) and t.is_floating_point()
+            and not torch.equal(t.to(dtype).to(t.dtype), t)}
 
-    return {name: t for name, t in state.items()
-            if read_back(name) and t.is_floating_point() and not torch.equal(t.to(dtype).to(t.dtype), t)}
+
+def lora_saved(name: str) -> bool:
+    """Whether a LoRA run's checkpoint holds the tensor `name` (a full_model_state name): adapters and what trains
+    fully beside them, not the frozen base."""
+    name = name.removeprefix("model.")
+    return ".lora_" in name or name.startswith(NON_LORA_PREFIXES)
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -94,9 +94,9 @@ class QLoRALinear(nn.Module):
     """QLoRA: a frozen quantized Linear (QuantLinear, llavakit.quant) plus a trainable low-rank update.
 
     The base stays a submodule (`q_proj.base.weight_packed`, ...; adapters save under peft's names as for a float
-    base); its forward dequantizes the weight and multiplies (the quant reference path whenever gradients are
-    on), which is differentiable in x, so gradients reach the adapters and everything below them. No
-    bitsandbytes: int4/int8 round-to-nearest weights, on CPU and GPU alike.
+    base); its product is differentiable in x (the backward multiplies by the weight dequantized again), so
+    gradients reach the adapters and everything below them. No bitsandbytes: int4/int8 round-to-nearest weights,
+    on CPU and GPU alike.
     """
 
     def __init__(self, base: QuantLinear, r: int, alpha: float, dropout: float):
@@ -116,7 +116,7 @@ class QLoRALinear(nn.Module):
         self.train(base.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = _FrozenQuantProduct.apply(x, self.base)
         h = self.lora_dropout(x).to(self.lora_A.dtype)
         return out + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling).to(out.dtype)
 
@@ -130,6 +130,22 @@ class QLoRALinear(nn.Module):
         plain.weight = nn.Parameter(merged, requires_grad=False)
         plain.bias = self.base.bias
         return plain.train(self.training)
+
+
+class _FrozenQuantProduct(torch.autograd.Function):
+    """x -> base(x) for a frozen quantized base, keeping only the layer for the backward, which dequantizes the weight
+    again (as bitsandbytes' QLoRA does). Autograd through the dequantized weight would keep every layer's float
+    weight from the forward to the backward: more memory than LoRA on the float model (measured: 7B, w4a16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, base: QuantLinear) -> torch.Tensor:
+        ctx.base, ctx.x_dtype = base, x.dtype
+        return base(x)  # (gradients are off in here: the packed-weight kernels run, as in inference)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        w = ctx.base.dequantized_weight(grad.dtype)  # (out, in)
+        return (grad @ w).to(ctx.x_dtype), None
 
 
 def _matches(name: str, targets: tuple[str, ...], scope: str) -> bool:

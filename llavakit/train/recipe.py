@@ -449,6 +449,8 @@ def save(run: Run, directory: Path) -> None:
     training = ckpt.training_state(run.module, run.optimizer, run.scheduler, run.step, run.scaler)
     if not run.info.is_main:
         return
+    if run.cfg.stage == "lora":  # only adapters and projector are written: no save-dtype copy of the frozen base
+        state = {k: v for k, v in state.items() if ckpt.lora_saved(k)}
     training["weights"] = ckpt.rounded_weights(state, run.save_dtype, run.cfg.stage)
     state = {k.removeprefix("model."): v.to(run.save_dtype) if v.is_floating_point() else v for k, v in state.items()}
     model = ckpt.plain_model(run.model.cfg, state)
@@ -485,10 +487,10 @@ def _trainer_state(run: Run) -> dict[str, Any]:
 
 
 def _with_lora_tensors(run: Run, model, state: dict[str, Any]):
-    """A LoRA-shaped copy holding the gathered adapter tensors (so save_adapter can write them); a QLoRA run's
-    quantized base tensors have no place in it and stay out (only adapters and the projector are saved)."""
+    """A LoRA-shaped copy holding the gathered adapter and projector tensors (so save_adapter can write them); its
+    frozen base stays on the meta device."""
     apply_lora(model, **lora_options(run.cfg))
-    model.load_state_dict(state, strict=run.cfg.quantization is None, assign=True)
+    model.load_state_dict(state, strict=False, assign=True)
     return model
 
 
