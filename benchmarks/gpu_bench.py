@@ -14,14 +14,17 @@ What it does, in order (results are written after every phase, so a run cut shor
    greedy generate on the same weights, over mixed requests (distinct and repeated images, lengths);
 3. speed (`--preset` in `--dtype`, random weights: `load_format="dummy"`): MindIE's performance protocol
    (batch 1..10, one 336-px image each, 256 output tokens: TTFT, decode tokens/s, throughput), bs-1 decode
-   against the memory-bandwidth limit (the decoder's weight bytes / the copy bandwidth), the time of one
-   captured decode step, and `--concurrent` requests at once. Every batch size and the concurrent set first
-   run once untimed on other images (same shape), and every request has its own image, so no timed run finds
-   its images in the engine's vision cache;
+   against the memory-bandwidth limit (the decoder's weight bytes / the copy bandwidth), the time to first
+   token of one request split into preprocessing, tower, prefill, LM head and the rest (`--ttft-repeats`
+   runs on fresh images, min and median; the plain total is timed without the split's synchronizations), the
+   time of one captured decode step, and `--concurrent` requests at once. Every batch size and the concurrent
+   set first run once untimed on other images (same shape), and every request has its own image, so no timed
+   run finds its images in the engine's vision cache;
 4. transformers (`LlavaForConditionalGeneration` sharing the engine's weight tensors), on the very requests
-   the engine ran: TTFT and bs-1 decode on the protocol's batch-1 request, the protocol's padded batches, the
-   concurrent requests as one padded batch and one by one (the one-by-one rate is measured on the first
-   `--hf-one-by-one` requests: running all 64 in turn would take ~10 minutes).
+   the engine ran: TTFT and bs-1 decode on the protocol's batch-1 request (`--hf-repeats` runs, min and
+   median; the medians are the headline), the protocol's padded batches, the concurrent requests as one padded
+   batch and one by one (the one-by-one rate is measured on the first `--hf-one-by-one` requests: running all
+   64 in turn would take ~10 minutes).
 Out: <out>/<name>.json (everything), .csv (per batch size), .png (chart).
 """
 
@@ -32,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -159,6 +163,64 @@ def concurrent_requests(args, purpose: int) -> tuple[list[dict], list[SamplingPa
     return reqs, [SamplingParams(max_tokens=args.output_tokens, ignore_eos=True) for _ in reqs]
 
 
+def ttft_breakdown(engine: bench.BenchEngine, device: torch.device, repeats: int) -> dict:
+    """Time to first token of one request (one 336-px image, the protocol's question), `repeats` times on fresh
+    images: first untimed-inside (the plain total), then with a synchronized timer around the preprocessing,
+    the tower (`_encode_missing`), the decoder's prefill (the model's forward) and the LM head; "rest" is the
+    remainder (scheduling, batch preparation, sampling, detokenizing). min and median of each part."""
+    runner = engine.runner
+    parts: dict[str, float] = {}
+
+    def wrap(obj, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed_call(*a, **k):
+            sync(device)
+            start = time.perf_counter()
+            out = fn(*a, **k)
+            sync(device)
+            parts[key] = parts.get(key, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(obj, name, timed_call)  # an instance attribute: deleting it restores the method
+
+    def first_token(r: int, split: bool) -> dict:
+        reqs, _ = bench.protocol_requests(1, 1, purpose=bench.TIMED, repeat=1000 + 2 * r + split)
+        parts.clear()
+        sync(device)
+        start = time.perf_counter()
+        inputs = engine.pipe.processor.request_inputs(reqs[0])
+        parts["preprocess"] = time.perf_counter() - start
+        engine.add_request(f"ttft-{r}-{split}", inputs, SamplingParams(max_tokens=1, ignore_eos=True))
+        while engine.has_unfinished():
+            engine.step()
+        sync(device)
+        total = time.perf_counter() - start
+        row = {f"{k}_ms": v * 1e3 for k, v in parts.items()} if split else {}
+        row["total_ms"] = total * 1e3
+        if split:
+            row["rest_ms"] = row["total_ms"] - sum(v for k, v in row.items() if k != "total_ms")
+        return row
+
+    first_token(-1, False)  # warm-up
+    plain = [first_token(r, False)["total_ms"] for r in range(repeats)]
+    for obj, name, key in ((runner, "_encode_missing", "tower"), (runner.model, "forward", "prefill"),
+                           (runner.model, "compute_logits", "lm_head")):
+        wrap(obj, name, key)
+    try:
+        rows = [first_token(r, True) for r in range(repeats)]
+    finally:
+        for obj, name in ((runner, "_encode_missing"), (runner.model, "forward"), (runner.model, "compute_logits")):
+            delattr(obj, name)
+    keys = rows[0].keys()
+    return {"total_ms": spread(plain), "split_runs": rows,
+            **{k: spread([r.get(k, 0.0) for r in rows]) for k in keys}}
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "runs": values}
+
+
 def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> None:
     import llavakit
 
@@ -185,6 +247,9 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     ours[bench.PROTOCOL_KEY] = bench.as_rows(bench.mindie_protocol(engine, sizes, args.output_tokens))
     bs1 = ours[bench.PROTOCOL_KEY][0]
     ours["bs1_fraction_of_bandwidth_limit"] = bs1["decode_tokens_per_s"] / limit
+    save()
+    log("time to first token, by part")
+    ours["ttft_breakdown"] = ttft_breakdown(engine, device, args.ttft_repeats)
     if engine.runner.graphs is not None and engine.runner.graphs.captured:
         g = engine.runner.graphs
         ours["bs1_graph_replay_ms"] = timed(g.graphs[1].replay, device, repeats=50) * 1e3
@@ -211,11 +276,16 @@ def speed(args, device: torch.device, copy_bw: float, report: dict, save) -> Non
     report["transformers"] = theirs
     one, _ = bench.protocol_requests(1, args.output_tokens)  # the engine's timed batch-1 request
     bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=4)], 1)  # warm-up
-    t1 = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=1)], 1).seconds for _ in range(3))
-    tn = min(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=args.output_tokens)], 1).seconds
-             for _ in range(2))
-    theirs["ttft_ms"] = t1 * 1e3
-    theirs["bs1_decode_tokens_per_s"] = (args.output_tokens - 1) / (tn - t1)
+    # Repeated, TTFT and the full answer alternating: transformers' bs1 rate varied 4x between runs once.
+    t1s, tns = [], []
+    for _ in range(args.hf_repeats):
+        t1s.append(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=1)], 1).seconds)
+        tns.append(bench.hf_generate(hf, pipe, one, [SamplingParams(max_tokens=args.output_tokens)], 1).seconds)
+    theirs["ttft_ms_spread"] = spread([t * 1e3 for t in t1s])
+    theirs["bs1_decode_tokens_per_s_spread"] = spread([(args.output_tokens - 1) / (b - a)  # each pair's own rate
+                                                       for a, b in zip(t1s, tns, strict=True)])
+    theirs["ttft_ms"] = theirs["ttft_ms_spread"]["median"]
+    theirs["bs1_decode_tokens_per_s"] = theirs["bs1_decode_tokens_per_s_spread"]["median"]
     save()
     theirs["padded_batches"] = []
     hf_sizes = [int(x) for x in args.hf_batch_sizes.split(",") if x] if args.hf_batch_sizes is not None else sizes
@@ -306,6 +376,10 @@ def table(report: dict) -> str:
                      f"{100 * ours['bs1_fraction_of_bandwidth_limit']:.1f}% of the bandwidth limit "
                      f"{ours['bandwidth_limit_tokens_per_s']:.1f}; one graph replay "
                      f"{ours.get('bs1_graph_replay_ms', float('nan')):.2f} ms")
+        if "ttft_breakdown" in ours:
+            t = ours["ttft_breakdown"]
+            lines.append("TTFT, medians (min): " + ", ".join(
+                f"{k[:-3]} {v['median']:.1f} ({v['min']:.1f}) ms" for k, v in t.items() if k.endswith("_ms")))
         hf_rows = {r["batch_size"]: r for r in theirs.get("padded_batches", [])}
         lines.append(f"{'batch':>5} {'TTFT ms':>9} {'decode tok/s':>13} {'tok/s':>9} {'transformers tok/s':>19}")
         for r in ours[bench.PROTOCOL_KEY]:
@@ -339,6 +413,8 @@ def main() -> int:
                    help="transformers' padded batch sizes (default: --batch-sizes; '' none)")
     p.add_argument("--concurrent", type=int, default=64)
     p.add_argument("--hf-one-by-one", type=int, default=4)
+    p.add_argument("--hf-repeats", type=int, default=5, help="transformers' bs1 TTFT and decode runs (min, median)")
+    p.add_argument("--ttft-repeats", type=int, default=5, help="runs of the engine's TTFT breakdown")
     p.add_argument("--check-tokens", type=int, default=32)
     p.add_argument("--max-num-batched-tokens", type=int, default=4096, help="the engine's tokens per step")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="engine KV cache size (default: free memory)")

@@ -418,7 +418,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
-        if self.attention_backend not in ("auto", "torch", "triton", "flex"):
-            raise ConfigError(f"attention_backend must be auto, torch, triton or flex, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "torch", "cpu", "triton", "flex"):
+            raise ConfigError(f"attention_backend must be auto, torch, cpu, triton or flex, got "
+                              f"{self.attention_backend!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

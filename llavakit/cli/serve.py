@@ -61,8 +61,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV cache of shared prefixes")
     g.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt in one step")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps (as vLLM's flag)")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton", "flex"],
-                   help="paged attention: auto = the Triton kernel on CUDA, PyTorch elsewhere")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu", "triton", "flex"],
+                   help="paged attention: auto = the Triton kernel on CUDA, llavakit's C kernel on the CPU (PyTorch "
+                        "where it cannot run)")
 
 
 def _add_limit_flags(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -85,10 +86,13 @@ def num_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_m
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The paged-attention backend for `name` ("auto": triton on CUDA when it imports, else torch)."""
+    """The paged-attention backend for `name` ("auto": triton on CUDA when it imports; on the CPU the C kernel,
+    which falls back to torch by itself where it cannot run; else torch)."""
     from llavakit.layers.triton_ops import triton_available
 
     if name == "auto":
+        if device.type == "cpu":
+            return "cpu"
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "triton" and not triton_available():
         raise ValueError("attention_backend='triton' (CLI: --attention-backend triton) needs the triton package "
@@ -171,8 +175,16 @@ class ModelRunner:
         input_ids = torch.tensor([step.token_ids], device=self.device)
         embeds = self.model.embed_inputs(input_ids, feats or None)
         hidden = self.model(embeds, torch.tensor([step.positions], device=self.device), self.kv_cache, meta)
-        rows = meta.query_start_loc[1:][step.sample_rows] - 1
-        return self.model.compute_logits(hidden[0, rows]).float()
+        return self.model.compute_logits(self._sampled(hidden[0], step)).float()
+
+    def _sampled(self, hidden: torch.Tensor, step: StepInputs) -> torch.Tensor:
+        """The hidden states (N, D) of the rows that sample: each sampling sequence's last new token. A step
+        where every row is one sampling token takes them all without a copy."""
+        if len(step.sample_rows) == len(step.token_ids) == len(step.query_lens):
+            return hidden
+        ends = list(accumulate(step.query_lens))
+        rows = torch.tensor([ends[i] - 1 for i in step.sample_rows], dtype=torch.long, device=self.device)
+        return hidden.index_select(0, rows)
 
     def _graphable(self, batch: ScheduledBatch) -> bool:
         """Every row one token that samples and is no image placeholder, at most max_num_seqs rows."""
@@ -185,9 +197,7 @@ class ModelRunner:
         context_lens = step.context_lens
         width = max(len(t) for t in step.block_tables)
         tables = [t + [0] * (width - len(t)) for t in step.block_tables]
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
+        starts = [0, *accumulate(query_lens)]
         dev = self.device
         return PagedAttentionMetadata(
             slot_mapping=torch.tensor(step.slots, dtype=torch.long, device=dev),
@@ -195,6 +205,7 @@ class ModelRunner:
             context_lens=torch.tensor(context_lens, dtype=torch.long, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
             block_size=self.cfg.block_size, query_lens=query_lens, context_lens_list=context_lens,
+            may_skip_slots=min(step.slots, default=0) < 0,  # known here: no per-layer filter when none is -1
             decode_only=all(n == 1 for n in query_lens), backend=self.backend)
 
     def _encode_missing(self, step: StepInputs) -> None:

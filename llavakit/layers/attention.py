@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llavakit.layers.cpu_attention import cpu_attention
 from llavakit.layers.paged_attention import (
     KVPages,
     PagedAttentionMetadata,
@@ -43,7 +44,7 @@ def _triton(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata, windo
     return triton_attention(q, cache, meta, window)
 
 
-BACKENDS = {"torch": torch_attention, "flex": flex_attention_paged, "triton": _triton}
+BACKENDS = {"torch": torch_attention, "cpu": cpu_attention, "flex": flex_attention_paged, "triton": _triton}
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 """Normalization layers."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from llavakit.layers import triton_ops
@@ -17,7 +18,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == x.dtype and triton_ops.use_fused(x):  # one kernel instead of eight
             return triton_ops.rms_norm(x, self.weight, self.eps)
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        shape = (x.shape[-1],)
+        if x.dtype == self.weight.dtype == torch.float32:  # one op, bitwise equal to the steps below
+            return F.rms_norm(x, shape, self.weight, self.eps)
+        # Other dtypes round twice, as LLaMA (and transformers) do: the statistics and the normalized values in
+        # float32, cast to the input's dtype, then the scale. F.rms_norm with the weight would round once.
+        return self.weight * F.rms_norm(x.float(), shape, eps=self.eps).to(x.dtype)

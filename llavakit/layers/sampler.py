@@ -135,11 +135,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], seen: list[
         logits = logits.clone()  # the caller's tensor stays as it was
         for i in penalised:
             logits[i] = apply_penalties(logits[i], params[i], seen[i], generated[i])
-    tokens = [0] * b
-    greedy = [i for i, p in enumerate(params) if p.greedy]
-    if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-            tokens[i] = t
+    # One argmax over every row when any is greedy: cheaper than copying the greedy rows out first.
+    tokens = logits.argmax(-1).tolist() if any(p.greedy for p in params) else [0] * b
     for i, p in enumerate(params):
         if not p.greedy:
             tokens[i] = sample_row(logits[i], p, generators[i])

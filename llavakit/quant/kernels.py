@@ -20,22 +20,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llavakit.native import compile_library
 from llavakit.quant.config import QuantConfig
 from llavakit.quant.formats import unpack_ints
 
 _SOURCE = Path(__file__).parent / "csrc" / "qgemv_avx2.c"
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_COMPILE = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]
+_LINK = ["-shared", "-fopenmp"]
 CPU_KERNEL_GRAIN = 1 << 21  # weight elements per thread: smaller products run on one thread (fork/join costs more)
 CPU_KERNEL_MAX_ROWS = 32  # measured: at 32 rows still as fast as an fp32 GEMM, the reference 8x slower
 CPU_BLOCK_ROWS = 1024  # output rows dequantized per GEMM: measured against 128, 256 and the whole weight
@@ -256,24 +254,8 @@ def _cpu_library() -> ctypes.CDLL | None:
     if os.environ.get("LLAVAKIT_QUANT_CPU_KERNEL", "1") == "0" or \
             torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return None
-    source = _SOURCE.read_bytes()
-    tag = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llavakit" / "kernels"
-    path = cache / f"qgemv_avx2_{tag}.so"
-    try:
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: safe across processes
-                built = Path(tmp) / path.name
-                done = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built)], capture_output=True)
-                if done.returncode != 0:
-                    return None
-                os.replace(built, path)
-        lib = ctypes.CDLL(str(path))
-    except OSError:  # a cache directory we may not write, a library the loader refuses: the reference runs
+    lib = compile_library(_SOURCE, _COMPILE, _LINK)
+    if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for fn in (lib.qgemv_int8, lib.qgemv_int4):
