@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped: {message}", file=sys.stderr)
     chunk = get_chunk(rows, args.num_chunks, args.chunk_idx)
     check_output(args.answers, "--answers", makedirs=True)  # its folder is created, as LLaVA's model_vqa does
-    done = answered_ids(args.answers)
+    done = answered_ids(args.answers, "--answers")
     todo = [r for r in chunk if r["question_id"] not in done]
     make_parent(args.answers, "--answers")
     answered, skipped = (run_ray if args.ray else run_here)(args, todo) if todo else (0, 0)

@@ -56,8 +56,11 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
     return rows, problems
 
 
-def answered_ids(path: Path) -> set:
-    """question_ids already answered; a line cut off by an interrupted run is removed first."""
+def answered_ids(path: Path, flag: str | None = None) -> set:
+    """question_ids already answered; a line cut off by an interrupted run is removed first. `flag`: the command-line
+    option that named the file, for the error messages."""
+    named = f" ({flag})" if flag else ""
+    new = f"a new {flag} file" if flag else "a new answers file"
     if not path.exists():
         return set()
     data = path.read_bytes()
@@ -67,8 +70,8 @@ def answered_ids(path: Path) -> set:
     try:
         text = data.decode()
     except UnicodeDecodeError:
-        raise ValueError(f"answers file {path} is not UTF-8 text; pass a new answers file") from None
-    expected = f"{ANSWERS_FORMAT}; fix or remove that line, or pass a new answers file"
+        raise ValueError(f"answers file {path}{named} is not UTF-8 text; pass {new}") from None
+    expected = f"{ANSWERS_FORMAT}; fix or remove that line, or pass {new}"
     return {row["question_id"] for row in parse_jsonl(text, str(path), expected)}
 
 
