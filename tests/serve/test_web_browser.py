@@ -44,6 +44,15 @@ def _chromium() -> str:
     return path
 
 
+def _until(page, expression: str, timeout: float = 30) -> None:
+    """Wait until a JavaScript expression is true, evaluated from here: Playwright's own wait_for_function polls
+    through eval inside the page, which the page's Content-Security-Policy (script-src 'self') rightly refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
@@ -75,7 +84,7 @@ def page(browser, demo):
     page.goto(demo.url + "/")
     page.fill("#key", API_KEY)
     page.click("#key-form button")
-    page.wait_for_function("document.querySelector('#model').value === 'demo'")
+    _until(page, "document.querySelector('#model').value === 'demo'")
     yield page
     context.close()
     hosts = {urlsplit(u).hostname for u in requests if urlsplit(u).scheme not in ("data", "blob")}
@@ -99,10 +108,10 @@ def test_the_page_asks_for_the_key(browser, demo):
     page.fill("#key", "wrong")
     page.click("#key-form button")
     page.wait_for_selector("#key-form:not([hidden])")
-    page.wait_for_function("document.querySelector('#key-message').textContent.includes('not valid')")
+    _until(page, "document.querySelector('#key-message').textContent.includes('not valid')")
     page.fill("#key", API_KEY)
     page.click("#key-form button")
-    page.wait_for_function("document.querySelector('#model').value === 'demo'")
+    _until(page, "document.querySelector('#model').value === 'demo'")
     assert page.evaluate("sessionStorage.getItem('llavakit-api-key')") == API_KEY
     assert page.evaluate("localStorage.getItem('llavakit-api-key')") is None
     assert "context 1024 tokens" in page.inner_text("#status")
@@ -139,7 +148,7 @@ def test_ask_about_a_picture_over_several_turns(page, tmp_path):
     style = drawn.evaluate("b => [b.style.left, b.style.top, b.style.width, b.style.height].map(parseFloat)")
     assert style == pytest.approx([100 * x1 / 480, 100 * y1 / 320, 100 * (x2 - x1) / 480, 100 * (y2 - y1) / 320],
                                   abs=0.01)
-    page.wait_for_function("document.querySelector('.grounding img').complete")
+    _until(page, "document.querySelector('.grounding img').complete")
     page.screenshot(path=os.environ.get("LLAVAKIT_WEB_SCREENSHOT") or tmp_path / "web-chat.png")
 
     page.click("#new-chat")
@@ -236,4 +245,4 @@ def test_paste_and_drop_attach_pictures(page):
         document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer(), bubbles: true}));
         document.dispatchEvent(new DragEvent('drop', {dataTransfer: transfer(), bubbles: true}));
     }""")
-    page.wait_for_function("document.querySelectorAll('#attachments img').length === 2")
+    _until(page, "document.querySelectorAll('#attachments img').length === 2")
