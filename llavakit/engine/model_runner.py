@@ -227,11 +227,16 @@ class ModelRunner:
             self.features.popitem(last=False)
 
 
-def build_runner(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
-    """This process's runner; under tensor parallelism every rank sizes its KV cache to what fits on all."""
+def shared_kv_blocks(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> int:
+    """num_kv_blocks; under tensor parallelism the fewest any rank can hold (a collective: every rank calls it)."""
     blocks = num_kv_blocks(model, cfg, max_model_len)
     tp = getattr(model, "tp", None)
-    return ModelRunner(model, cfg, blocks if tp is None else tp.min(blocks), max_model_len)
+    return blocks if tp is None else tp.min(blocks)
+
+
+def build_runner(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
+    """This process's runner, its KV cache sized to what fits on every rank."""
+    return ModelRunner(model, cfg, shared_kv_blocks(model, cfg, max_model_len), max_model_len)
 
 
 def make_runner(model: LlavaForConditionalGeneration, cfg: EngineConfig, max_model_len: int) -> ModelRunner:
@@ -249,8 +254,7 @@ class DrivingRunner(ModelRunner):
         self.key = self.workers.runners
         self.workers.runners += 1
         self.workers.call("runner", self.key, cfg, max_model_len)
-        blocks = self.workers.tp.min(num_kv_blocks(model, cfg, max_model_len))
-        super().__init__(model, cfg, blocks, max_model_len)
+        super().__init__(model, cfg, shared_kv_blocks(model, cfg, max_model_len), max_model_len)
 
     def run(self, step: StepInputs) -> torch.Tensor:
         self.workers.call("step", self.key, step)

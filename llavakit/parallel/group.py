@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -47,11 +46,13 @@ class TPGroup:
 
     def send(self, message: object) -> None:
         """Rank 0: one message to every worker."""
-        _broadcast_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), self.control)
+        dist.broadcast_object_list([message], src=0, group=self.control)
 
     def receive(self) -> object:
         """A worker: the next message from rank 0 (blocks until it comes)."""
-        return pickle.loads(_broadcast_bytes(None, self.control))
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
 
     def min(self, value: int) -> int:
         """The smallest of every rank's `value` (e.g. KV blocks that fit on every device)."""
@@ -64,15 +65,6 @@ class TPGroup:
         out: list[str | None] = [None] * self.size
         dist.all_gather_object(out, error, group=self.control)
         return [f"rank {r}: {e}" for r, e in enumerate(out) if e]
-
-
-def _broadcast_bytes(data: bytes | None, group) -> bytes:
-    """Rank 0's bytes to every rank: the length, then the payload, as uint8 tensors on the host."""
-    size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64)
-    dist.broadcast(size, src=0, group=group)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(size), dtype=torch.uint8)
-    dist.broadcast(buf, src=0, group=group)
-    return data if data is not None else buf.numpy().tobytes()
 
 
 def backend_for(device: torch.device) -> str:
