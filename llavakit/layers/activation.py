@@ -4,13 +4,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llavakit.layers import triton_ops
+from llavakit.layers import cpu_ops, triton_ops
 
 
 class QuickGELU(nn.Module):
     """CLIP's x * sigmoid(1.702 x)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_ops.use_fused(x) and (out := cpu_ops.quick_gelu(x)) is not None:  # one pass instead of three
+            return out
         return x * torch.sigmoid(1.702 * x)
 
 
@@ -35,4 +37,6 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: silu(gate) * up."""
     if gate.dtype == up.dtype and triton_ops.use_fused(gate):
         return triton_ops.silu_and_mul(gate, up)
+    if cpu_ops.use_fused(gate, up) and (out := cpu_ops.silu_and_mul(gate, up)) is not None:  # one pass, no temporary
+        return out
     return F.silu(gate) * up

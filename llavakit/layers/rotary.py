@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from llavakit.config import RopeConfig
-from llavakit.layers import triton_ops
+from llavakit.layers import cpu_ops, triton_ops
 
 
 def inv_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -57,5 +57,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (B, T, H, D); cos/sin (B, T, D)."""
     if x.dtype == cos.dtype and triton_ops.use_fused(x):  # one kernel instead of ten
         return triton_ops.rotary(x, cos, sin)
+    if cpu_ops.use_fused(x, cos, sin) and (out := cpu_ops.rotary(x, cos, sin)) is not None:  # one pass
+        return out
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return x * cos + _rotate_half(x) * sin
