@@ -9,7 +9,9 @@ with every decoder weight in the shapes the step multiplies by, then the LM head
 medians and the median of the pairs' ratios.
 (b) Throughput: `--requests` requests, every one its own image, mixed questions and lengths (the offline set of
 `llavakit bench`), through the engine, then transformers' generate on the same requests as one padded batch and
-one by one; rounds interleave all three on fresh images.
+one by one; rounds interleave all three on fresh images. Then the workload's matmul floor: the decoder's
+weights times each step's tokens and the LM head times its rows, for the steps the engine ran; transformers'
+time over that floor is how far ahead of it any engine could get.
 
     python benchmarks/cpu_engine_bench.py [--threads 1,2] [--rounds 3] [--batch-sizes 1,32] [--out DIR]
     python benchmarks/cpu_engine_bench.py --threads 1 --rounds 1 --steps 4 --requests 4 --output-tokens 8 \
@@ -106,11 +108,47 @@ def throughput(pipe, hf, requests: int, output_tokens: int, rnd: int, one_by_one
         warm, _ = bench.mixed_workload(requests, max_out=output_tokens, purpose=bench.OFFLINE_WARMUP)
         bench.hf_generate(hf, pipe, warm, [SamplingParams(max_tokens=2)] * requests, requests)
     reqs, params = bench.mixed_workload(requests, max_out=output_tokens, repeat=rnd)
-    out = {"engine": bench.run_batch(engine, reqs, params).throughput_tokens_per_s,
-           "transformers_batched": bench.hf_generate(hf, pipe, reqs, params, requests).tokens_per_s}
+    steps = record_steps(engine)
+    result = bench.run_batch(engine, reqs, params)
+    hf_batched = bench.hf_generate(hf, pipe, reqs, params, requests)
+    out = {"engine": result.throughput_tokens_per_s, "transformers_batched": hf_batched.tokens_per_s,
+           "engine_s": result.total_s, "transformers_batched_s": hf_batched.seconds}
     if one_by_one:
-        out["transformers_one_by_one"] = bench.hf_generate(hf, pipe, reqs, params, 1).tokens_per_s
+        hf_single = bench.hf_generate(hf, pipe, reqs, params, 1)
+        out["transformers_one_by_one"], out["transformers_one_by_one_s"] = hf_single.tokens_per_s, hf_single.seconds
+    out["floor_s"] = workload_floor(pipe, steps)
     return out
+
+
+RATES = ("engine", "transformers_batched", "transformers_one_by_one")
+
+
+def record_steps(engine) -> list[tuple[int, int]]:
+    """(tokens, sequences) of each step the engine runs from now on."""
+    steps, execute = [], engine.runner.execute
+
+    def recording(batch, media):
+        steps.append((batch.num_tokens, len(batch.items)))
+        return execute(batch, media)
+
+    engine.runner.execute = recording
+    return steps
+
+
+def workload_floor(pipe, steps: list[tuple[int, int]]) -> dict:
+    """The matmul floor of the steps the engine ran: every decoder weight times each step's tokens, the LM head
+    times its sequences (one logits row each), timed as in `matmuls`. Left out, so the floor is below what any
+    implementation needs: the vision tower, attention, norms and sampling. The engine's time over it bounds how
+    far any engine could get ahead of transformers on this workload."""
+    decoder, head = linear_weights(pipe.model)[:-1], pipe.model.lm_head.weight
+    times: dict[tuple[int, int], float] = {}
+    total = {"prefill": 0.0, "decode": 0.0}
+    for tokens, seqs in steps:
+        if (tokens, seqs) not in times:
+            run_decoder, run_head = matmuls(decoder, tokens), matmuls([head], seqs)
+            times[tokens, seqs] = min(timed(run_decoder)[0] + timed(run_head)[0] for _ in range(3)) / 1e3
+        total["decode" if tokens == seqs else "prefill"] += times[tokens, seqs]
+    return total
 
 
 def load_average() -> list[float]:
@@ -143,12 +181,21 @@ def run(pipe, hf, args, threads: int, log) -> dict:
             r["load_average"] = load_average()
             rounds.append(r)
             log(f"threads {threads} throughput round {rnd}: " + ", ".join(
-                f"{k} {v:.1f} tok/s" for k, v in r.items() if k != "load_average"))
-        tp = {k: spread([r[k] for r in rounds if k in r]) for k in rounds[0] if k != "load_average"}
+                f"{k} {r[k]:.1f} tok/s" for k in RATES if k in r) + f"; matmul floor {r['floor_s']}")
+        tp = {k: spread([r[k] for r in rounds if k in r]) for k in rounds[0] if k not in ("load_average", "floor_s")}
         tp["ratio_vs_batched"] = spread([r["engine"] / r["transformers_batched"] for r in rounds])
+        floors = [r["floor_s"]["prefill"] + r["floor_s"]["decode"] for r in rounds]
+        tp["engine_over_floor"] = spread([r["engine_s"] / f for r, f in zip(rounds, floors, strict=True)])
+        tp["ceiling_vs_batched"] = spread([r["transformers_batched_s"] / f for r, f in zip(rounds, floors,
+                                                                                           strict=True)])
+        tp["prefill_share_of_floor"] = spread([r["floor_s"]["prefill"] / f for r, f in zip(rounds, floors,
+                                                                                           strict=True)])
         pairs = [r["engine"] / r["transformers_one_by_one"] for r in rounds if "transformers_one_by_one" in r]
         if pairs:
             tp["ratio_vs_one_by_one"] = spread(pairs)
+            tp["ceiling_vs_one_by_one"] = spread([r["transformers_one_by_one_s"] / (r["floor_s"]["prefill"]
+                                                  + r["floor_s"]["decode"]) for r in rounds
+                                                  if "transformers_one_by_one" in r])
         result["throughput"] = {**tp, "rounds": rounds}
     result["load_average_after"] = load_average()
     return result
@@ -227,6 +274,10 @@ def main() -> int:
                     f"{t['ratio_vs_batched']['median']:.2f}x transformers batched")
             if "ratio_vs_one_by_one" in t:
                 line += f", {t['ratio_vs_one_by_one']['median']:.2f}x one by one"
+            line += (f"; engine at {t['engine_over_floor']['median']:.2f}x its matmul floor, which would be "
+                     f"{t['ceiling_vs_batched']['median']:.2f}x transformers batched")
+            if "ceiling_vs_one_by_one" in t:
+                line += f" and {t['ceiling_vs_one_by_one']['median']:.2f}x one by one"
             print(line)
     print(f"wrote {args.out / name}.json")
     return 0
