@@ -50,14 +50,21 @@ def use_fused(*tensors: torch.Tensor) -> bool:
             and cpu_library() is not None)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor | None:
-    """x as (rows, n) without a copy, last dimension contiguous; None when its strides do not allow that."""
-    if x.stride(-1) != 1:
+def _rows(x: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, row stride) of x seen as (rows, n) rows of contiguous elements, read in place; None when its
+    strides do not allow that. Worked out from the strides: a `view` costs more than the kernel at one row."""
+    shape, strides = x.shape, x.stride()
+    if strides[-1] != 1:
         return None
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return None
+    rows, row_stride = 1, shape[-1]
+    for size, stride in zip(reversed(shape[:-1]), reversed(strides[:-1]), strict=True):
+        if size != 1:
+            if rows == 1:
+                row_stride = stride
+            elif stride != row_stride * rows:
+                return None
+            rows *= size
+    return rows, row_stride
 
 
 def _threads(elements: int) -> int:
@@ -66,25 +73,25 @@ def _threads(elements: int) -> int:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """F.rms_norm(x, (n,), weight, eps); None when x's layout does not fit (the caller runs torch)."""
-    rows = _rows(x)
-    if rows is None or not weight.is_contiguous():
+    layout = _rows(x)
+    if layout is None or not weight.is_contiguous():
         return None
+    (rows, stride), n = layout, x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype)
-    cpu_library().rms_norm(rows.data_ptr(), rows.stride(0), weight.data_ptr(), out.data_ptr(), rows.shape[0],
-                           rows.shape[1], eps, _threads(rows.numel()))
+    cpu_library().rms_norm(x.data_ptr(), stride, weight.data_ptr(), out.data_ptr(), rows, n, eps, _threads(rows * n))
     return out
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(x + y, F.rms_norm(x + y, (n,), weight, eps)) in one pass; None when a layout does not fit."""
-    xr, yr = _rows(x), _rows(y)
-    if xr is None or yr is None or x.shape != y.shape or not weight.is_contiguous():
+    xl, yl = _rows(x), _rows(y)
+    if xl is None or yl is None or x.shape != y.shape or not weight.is_contiguous():
         return None
+    (rows, x_stride), (_, y_stride), n = xl, yl, x.shape[-1]
     total, out = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
-    cpu_library().add_rms_norm(xr.data_ptr(), xr.stride(0), yr.data_ptr(), yr.stride(0), weight.data_ptr(),
-                               total.data_ptr(), out.data_ptr(), xr.shape[0], xr.shape[1], eps,
-                               _threads(xr.numel()))
+    cpu_library().add_rms_norm(x.data_ptr(), x_stride, y.data_ptr(), y_stride, weight.data_ptr(), total.data_ptr(),
+                               out.data_ptr(), rows, n, eps, _threads(rows * n))
     return total, out
 
 
@@ -104,12 +111,13 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     """F.silu(gate) * up; None when a layout does not fit."""
-    g, u = _rows(gate), _rows(up)
-    if g is None or u is None or gate.shape != up.shape:
+    gl, ul = _rows(gate), _rows(up)
+    if gl is None or ul is None or gate.shape != up.shape:
         return None
+    (rows, g_stride), (_, u_stride), n = gl, ul, gate.shape[-1]
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    cpu_library().silu_and_mul(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), out.data_ptr(), g.shape[0],
-                               g.shape[1], _threads(g.numel()))
+    cpu_library().silu_and_mul(gate.data_ptr(), g_stride, up.data_ptr(), u_stride, out.data_ptr(), rows, n,
+                               _threads(rows * n))
     return out
 
 

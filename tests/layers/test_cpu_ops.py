@@ -50,6 +50,13 @@ def test_a_strided_row_view_is_read_in_place():
     x, w = wide[..., 64:192], torch.randn(128)  # rows 256 apart
     torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-6), F.rms_norm(x, (128,), w, 1e-6), **TOL)
     assert cpu_ops.rms_norm(wide.transpose(1, 2), torch.randn(7), 1e-6) is None  # last dim not contiguous
+    gappy = torch.randn(4, 8, 128)[:, :3]  # rows not evenly spaced: 3 of every 8
+    assert cpu_ops._rows(gappy) is None and cpu_ops.rms_norm(gappy, torch.randn(128), 1e-6) is None
+    torch.testing.assert_close(RMSNorm(128)(gappy), F.rms_norm(gappy, (128,), torch.ones(128), 1e-6), **TOL)
+    every_other = torch.randn(4, 8, 128)[:, ::2]  # evenly spaced rows: read in place
+    assert cpu_ops._rows(every_other) == (16, 256)
+    torch.testing.assert_close(cpu_ops.rms_norm(every_other, w, 1e-6), F.rms_norm(every_other, (128,), w, 1e-6),
+                               **TOL)
 
 
 @pytest.mark.parametrize("b, t", [(1, 1), (4, 1), (1, 9), (2, 6)])
