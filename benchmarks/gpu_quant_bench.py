@@ -13,9 +13,11 @@ Phases, in order; each one's results are written to <out>/<name>.json as it ends
    (load_format="dummy") through the engine: bs1 decode tokens/s and its fraction of the method's own bandwidth
    limit (copy bandwidth / the decoder's weight bytes as stored: packed weights and scales), one captured decode
    step's time, then `--concurrent` requests at once (one image each, `--output-tokens` each): throughput;
-   memory after loading and the peak;
+   memory after loading and the peak, and how much of the stored quantized weight moved to the host;
 4. memory: `--memory-preset` (llava-v1.6-34b) built in w4a16 and w8a16: torch.cuda.max_memory_allocated after
-   loading, and after every quantized layer ran once (the GPU kernels keep a repacked copy of each weight).
+   loading, and after every quantized layer ran once. Each layer's GPU kernel repacks the weight for itself and
+   the stored one moves to the host, so `repack_growth_gib` (allocated after first use minus after loading) stays
+   near zero (tinygemm's bf16 scales) where keeping both copies would add `quantized_weight_gib`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from gpu_bench import ceilings, log, timed  # noqa: E402
 from llavakit.config import EngineConfig  # noqa: E402
 from llavakit.eval import bench  # noqa: E402
 from llavakit.quant import QuantConfig, formats, kernels  # noqa: E402
-from llavakit.quant.linear import QuantLinear  # noqa: E402
+from llavakit.quant.linear import FusedQuantProduct, QuantLinear  # noqa: E402
 
 GPU = dict(preset="llava-1.5-7b", dtype="bfloat16", layers=[(4096, 4096), (11008, 4096), (4096, 11008)],
            rows=[1, 8, 16, 32, 64, 128, 256], output_tokens=256, concurrent=64, memory_preset="llava-v1.6-34b",
@@ -99,6 +101,19 @@ def weight_bytes(model) -> int:
     return total
 
 
+def stored_bytes(model, on_host: bool) -> int:
+    """Bytes of the quantized layers' stored `weight_packed` on the host (released by their GPU kernels) or not."""
+    return sum(m.weight_packed.numel() * m.weight_packed.element_size() for m in model.modules()
+               if isinstance(m, QuantLinear) and (m.weight_packed.device == kernels.HOST) == on_host)
+
+
+def repacked_products(model) -> int:
+    """Quantized products holding a weight repacked for a GPU kernel: layers and fused q/k/v, gate/up products."""
+    owners = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    owners += [f for m in model.modules() for f in vars(m).values() if isinstance(f, FusedQuantProduct)]
+    return sum(o.repacked.get("cuda", (None,))[-1] is not None for o in owners)
+
+
 def method_run(args, name: str, cfg: QuantConfig | None, device: torch.device, copy_bw: float) -> dict:
     import llavakit
 
@@ -120,12 +135,14 @@ def method_run(args, name: str, cfg: QuantConfig | None, device: torch.device, c
         res["bs1_graph_replay_ms"] = timed(graphs.graphs[1].replay, device, repeats=50) * 1e3
         res["bs1_graph_fraction_of_bandwidth_limit"] = 1e3 / res["bs1_graph_replay_ms"] / \
             res["bandwidth_limit_tokens_per_s"]
-    res["repacked_layers"] = sum(bool(m.repacked) for m in pipe.model.modules() if isinstance(m, QuantLinear))
+    res["repacked_products"] = repacked_products(pipe.model)
     bench.run_batch(engine, *bench.protocol_requests(args.concurrent, args.output_tokens, purpose=bench.WARMUP))
     conc = bench.run_batch(engine, *bench.protocol_requests(args.concurrent, args.output_tokens))
     res["concurrent"] = bench.as_rows([conc])[0]
     if device.type == "cuda":
         res["peak_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
+        res["stored_on_host_gib"] = gib(stored_bytes(pipe.model, True))
+        res["stored_on_gpu_gib"] = gib(stored_bytes(pipe.model, False))
     log(f"{name}: bs1 {bs1['decode_tokens_per_s']:.1f} tok/s = {100 * res['bs1_fraction_of_bandwidth_limit']:.0f}% "
         f"of {res['bandwidth_limit_tokens_per_s']:.0f}; {args.concurrent} concurrent "
         f"{conc.throughput_tokens_per_s:.0f} tok/s")
@@ -143,13 +160,17 @@ def memory_run(preset: str, cfg: QuantConfig, dtype: torch.dtype, device: torch.
 
     torch.cuda.reset_peak_memory_stats(device)
     model = random_llava(preset_config(preset), dtype, device, quantization=cfg)
+    loaded = torch.cuda.memory_allocated(device)
     res = {"after_load_max_allocated_gib": gib(torch.cuda.max_memory_allocated(device)),
-           "after_load_allocated_gib": gib(torch.cuda.memory_allocated(device))}
+           "after_load_allocated_gib": gib(loaded), "quantized_weight_gib": gib(stored_bytes(model, False))}
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m(torch.zeros(1, m.in_features, device=device, dtype=dtype))
     res["after_first_use_max_allocated_gib"] = gib(torch.cuda.max_memory_allocated(device))
     res["after_first_use_allocated_gib"] = gib(torch.cuda.memory_allocated(device))
+    res["repack_growth_gib"] = gib(torch.cuda.memory_allocated(device) - loaded)
+    res["repacked_products"] = repacked_products(model)
+    res["stored_on_host_gib"] = gib(stored_bytes(model, True))
     res["total_gib"] = gib(torch.cuda.get_device_properties(device).total_memory)
     log(f"{preset} {cfg.method}: {res}")
     del model

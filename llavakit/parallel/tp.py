@@ -143,6 +143,7 @@ def _split(parent: nn.Module, name: str, dim: int, start: int, size: int, tp: TP
     if isinstance(layer, QuantLinear):
         for suffix in SUFFIXES:
             setattr(layer, suffix, _shard_quantized(layer, suffix))
+        layer.repacked.clear()  # the whole layer's GPU copy, if a forward made one: freed now, not at the next call
     else:
         layer.weight = _shard_param(layer.weight, dim, start, size, "split")
         for lora, lora_dim in (("lora_A", 1), ("lora_B", 0)):  # A (r, in) splits with inputs, B (out, r) outputs

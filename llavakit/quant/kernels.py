@@ -9,11 +9,17 @@ docs/quantization.md for the numbers and how to rerun them):
   fp32 GEMM multiplies each block (`cpu_blocked`): 1.5-2.8x faster than the reference, whose elementwise unpacking
   costs more than the GEMM.
 - CPU without a compiler or AVX2, or in training: the reference.
-- CUDA, up to CUDA_MAX_ROWS rows: torch's own weight-only kernels on the weight repacked once per layer
+- CUDA, up to CUDA_MAX_ROWS rows, no autograd: torch's own weight-only kernels on the weight repacked once per layer
   (`prepare`, cached by the caller): W4A16 through tinygemm (`_weight_int4pack_mm`, bf16 activations; fp16 ones
   are cast), W8A16 per channel through `_weight_int8pack_mm` (torch >= 2.9 has a CUDA kernel). The same packing
-  feeds the CPU variants of these ops, which is how the CPU tests check it exactly.
-- CUDA, many rows (prefill), training, or a layout these kernels cannot take: the reference (dequantize + cuBLAS).
+  feeds the CPU variants of these ops, which is how the CPU tests check it exactly. Once repacked, the stored
+  compressed-tensors weight moves to the host (`cuda_prepared` hands the host copy to the layer's `release`), so
+  the GPU holds one copy of each integer weight and every later product runs from the repacked one.
+- CUDA after the repack, many rows (prefill) or autograd: int8 dequantizes the repacked values (the weight's q
+  exactly) with the stored scales and one matmul, the reference's numbers; int4 runs tinygemm at any row count
+  (without autograd; with it, the reference on the stored weight copied back from the host).
+- CUDA before any repack (prefill first, training), or a layout or torch build these kernels cannot take: the
+  reference (dequantize + cuBLAS) on the stored weight, which then stays on the GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,15 +48,25 @@ CUDA_MAX_ROWS = 64  # decode batches; past that the dequantize + cuBLAS referenc
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # the group sizes `_weight_int4pack_mm` takes
 INNER_K_TILES = 8  # tinygemm's 16-byte loads (gpt-fast's and torchao's choice): K must be a multiple of 128
 TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+HOST = torch.device("cpu")  # where a layer's stored weight goes once a GPU kernel holds its own copy
 
 
 def reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
               cfg: QuantConfig) -> torch.Tensor:
     """Dequantize the whole weight to x's dtype, then one ordinary matmul."""
-    q = unpack_ints(packed, cfg.bits, packed.shape[1] * 32 // cfg.bits)
+    return dequantized_linear(x, unpack_ints(packed, cfg.bits, packed.shape[1] * 32 // cfg.bits), scale, bias)
+
+
+def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                       ) -> torch.Tensor:
+    """x (..., in) times the weight's int values q (out, in) dequantized with `scale`, cast to x's dtype."""
+    return F.linear(x, dequantize_ints(q, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def dequantize_ints(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int values q (out, in) and scales (out, groups) -> the float weight (out, in) in the scales' dtype."""
     out, n = q.shape
-    w = (q.view(out, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)).view(out, n).to(x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return (q.view(out, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)).view(out, n)
 
 
 def cpu_kernel(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -112,18 +129,17 @@ def _cpu_library_fits(x: torch.Tensor, packed: torch.Tensor, cfg: QuantConfig) -
 
 @dataclass(frozen=True)
 class Prepared:
-    """A weight repacked for one of torch's weight-only ops on one device, with the key of what it was built from."""
+    """A weight repacked for one of torch's weight-only ops on one device."""
 
-    key: tuple
     kind: str  # "int8": _weight_int8pack_mm, "int4": _weight_int4pack_mm(_for_cpu)
     weight: torch.Tensor  # int8 (out, in) or tinygemm's packed int32 tiles
     scales: torch.Tensor  # (out,) in the activations' dtype, or tinygemm's (in / group, out, 2) scales and zeros
     group: int  # tinygemm's group size
 
 
-def prepare_key(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """What a Prepared depends on: a new weight (set_weight, load_state_dict, a move) or dtype builds a new one."""
-    return (packed.device, packed.data_ptr(), packed._version, scale.data_ptr(), scale._version, dtype)
+def prepare_key(packed: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """The stored weight a Prepared is built from: a new weight (set_weight, load_state_dict, a move) builds anew."""
+    return (packed.device, packed.data_ptr(), packed._version, scale.device, scale.data_ptr(), scale._version)
 
 
 def prepare_kind(packed: torch.Tensor, cfg: QuantConfig, dtype: torch.dtype) -> str | None:
@@ -146,14 +162,13 @@ def prepare(packed: torch.Tensor, scale: torch.Tensor, cfg: QuantConfig, dtype: 
     kind = prepare_kind(packed, cfg, dtype)
     if kind is None:
         return None
-    key = prepare_key(packed, scale, dtype)
     k = packed.shape[1] * 32 // cfg.bits
     q = unpack_ints(packed, cfg.bits, k)  # (out, in) int8
     if kind == "int8":
-        return Prepared(key, kind, q.contiguous(), scale[:, 0].to(dtype).contiguous(), 0)
+        return Prepared(kind, q.contiguous(), scale[:, 0].to(dtype).contiguous(), 0)
     group = tinygemm_group(cfg, k)
     scales = tinygemm_scales_and_zeros(scale, cfg.group_size or k, group, _int4_dtype(packed.device, dtype))
-    return Prepared(key, kind, pack_tinygemm(q, packed.device), scales, group)
+    return Prepared(kind, pack_tinygemm(q, packed.device), scales, group)
 
 
 def tinygemm_group(cfg: QuantConfig, k: int) -> int | None:
@@ -207,20 +222,50 @@ def run_prepared(x: torch.Tensor, p: Prepared, bias: torch.Tensor | None) -> tor
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def cuda_prepared(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, cfg: QuantConfig,
-                  cache: dict) -> Prepared | None:
-    """The layer's repacked weight for this CUDA product, built on first use and kept in `cache` (the layer's);
-    None where the reference runs: many rows, autograd, a layout torch's ops cannot take, an op this torch build
-    lacks, or a first use inside CUDA-graph capture (the engine warms every graph up first, so not there)."""
-    if (x.device.type != "cuda" or x.numel() // x.shape[-1] > CUDA_MAX_ROWS or torch.is_grad_enabled()
-            or packed.shape[1] * 32 != x.shape[-1] * cfg.bits):
+def repacks_on(device: torch.device) -> bool:
+    """Whether products on `device` run torch's weight-only ops on a repacked weight (the CPU has kernels of its
+    own; tests set this for the CPU to run the GPU logic through the ops' CPU variants)."""
+    return device.type == "cuda"
+
+
+def cuda_prepared(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, cfg: QuantConfig, cache: dict,
+                  release: Callable[[torch.Tensor], None] | None = None) -> Prepared | None:
+    """The layer's repacked weight for this GPU product, kept in `cache` (the layer's) for every later product of
+    the same stored weight and activation dtype. It is built on a first use with few rows and no autograd, not
+    inside CUDA-graph capture (the engine warms every graph up first, so not there), for layouts and torch builds
+    whose op runs; then `release` gets a host copy of the stored weight, which the layer keeps instead of its
+    copy on the GPU. None where the reference runs on the stored weight."""
+    if not repacks_on(x.device) or packed.shape[1] * 32 != x.shape[-1] * cfg.bits:
         return None
-    key = prepare_key(packed, scale, x.dtype)
-    if cache.get("cuda", (None,))[0] != key:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        cache["cuda"] = (key, _probed(x, prepare(packed, scale, cfg, x.dtype)))
-    return cache["cuda"][1]
+    key = prepare_key(packed, scale)
+    entry = cache.get("cuda")
+    if entry is not None and entry[:2] == (key, x.dtype):
+        return entry[2]
+    if x.numel() // x.shape[-1] > CUDA_MAX_ROWS or torch.is_grad_enabled() or \
+            (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    cache.pop("cuda", None)  # a stale copy goes before the new one is built
+    p = _probed(x, prepare(packed.to(x.device), scale, cfg, x.dtype))
+    if p is not None and release is not None and packed.device == x.device:
+        with torch.inference_mode(False):  # a normal tensor, which set_weight and load_state_dict write in place
+            packed = packed.to(HOST, copy=True)  # a new allocation even where the host is x's device (CPU tests)
+            release(packed)
+    cache["cuda"] = (prepare_key(packed, scale), x.dtype, p)
+    return p
+
+
+def cached(cache: dict, packed: torch.Tensor, scale: torch.Tensor) -> Prepared | None:
+    """The Prepared in `cache` built from this stored weight, for whatever activation dtype; else None."""
+    entry = cache.get("cuda")
+    return entry[2] if entry is not None and entry[0] == prepare_key(packed, scale) else None
+
+
+def weight_ints(packed: torch.Tensor, cfg: QuantConfig, p: Prepared | None, device: torch.device) -> torch.Tensor:
+    """The weight's int values q (out, in) on `device`: the int8 kernel's own copy when it has one (the same
+    values), else unpacked from the stored weight (copied back first if it was released to the host)."""
+    if p is not None and p.kind == "int8":
+        return p.weight
+    return unpack_ints(packed.to(device), cfg.bits, packed.shape[1] * 32 // cfg.bits)
 
 
 def _probed(x: torch.Tensor, p: Prepared | None) -> Prepared | None:
@@ -235,17 +280,21 @@ def _probed(x: torch.Tensor, p: Prepared | None) -> Prepared | None:
 
 
 def quant_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 cfg: QuantConfig, cache: dict | None = None) -> torch.Tensor:
+                 cfg: QuantConfig, cache: dict | None = None,
+                 release: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """x (..., in) -> (..., out) in x's dtype, by the fastest path measured for this device and batch.
-    `cache`: the layer's dict for weights repacked for the GPU (without one, CUDA runs the reference)."""
-    if cpu_kernel_fits(x, packed, cfg):
+    `cache`: the layer's dict for weights repacked for the GPU (without one, CUDA runs the reference);
+    `release`: takes the stored weight's host copy once the GPU kernel has its own (see `cuda_prepared`)."""
+    on_cpu = scale.is_cpu  # a GPU layer's stored weight may be on the host (released): never the CPU kernels
+    if on_cpu and cpu_kernel_fits(x, packed, cfg):
         return cpu_kernel(x, packed, scale, bias, cfg)
-    if cpu_blocked_fits(x, packed, cfg):
+    if on_cpu and cpu_blocked_fits(x, packed, cfg):
         return cpu_blocked(x, packed, scale, bias, cfg)
-    p = None if cache is None else cuda_prepared(x, packed, scale, cfg, cache)
-    if p is not None:
+    p = None if cache is None else cuda_prepared(x, packed, scale, cfg, cache, release)
+    few_rows = x.numel() // x.shape[-1] <= CUDA_MAX_ROWS
+    if p is not None and not torch.is_grad_enabled() and (few_rows or p.kind == "int4"):
         return run_prepared(x, p, bias)
-    return reference(x, packed, scale, bias, cfg)
+    return dequantized_linear(x, weight_ints(packed, cfg, p, x.device), scale, bias)
 
 
 @functools.cache

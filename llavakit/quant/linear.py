@@ -1,7 +1,9 @@
 """QuantLinear: a Linear whose weight is stored packed in the compressed-tensors format.
 
 Its buffers carry the compressed-tensors names (`<module>.weight_packed`, `.weight_scale`, `.weight_shape`), so a
-state_dict is a compressed-tensors checkpoint and a checkpoint loads into it by name.
+state_dict is a compressed-tensors checkpoint and a checkpoint loads into it by name. Once a GPU kernel has repacked
+the weight for itself (kernels.cuda_prepared), `weight_packed` is kept on the host, the same bytes: the GPU holds one
+copy of the integer weight, and readers of the stored tensors (state_dict, TP splitting, set_weight) read the host's.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from torch import nn
 
 from llavakit.layers.linear import TP_STYLES, Linear
 from llavakit.quant.config import QuantConfig
-from llavakit.quant.formats import SUFFIXES, dequantize_weight, packed_shapes, quantize_weight
-from llavakit.quant.kernels import quant_linear
+from llavakit.quant.formats import SUFFIXES, packed_shapes, quantize_weight
+from llavakit.quant.kernels import cached, dequantize_ints, quant_linear, weight_ints
 
 ROWS_PER_BLOCK = 512  # a 4096-wide float32 block is 8 MiB: quantizing it costs a few times that, not a layer's worth
 
@@ -37,6 +39,10 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.repacked: dict = {}  # the weight repacked for a GPU kernel on first use (kernels.cuda_prepared)
 
+    def _apply(self, fn, recurse: bool = True):
+        self.repacked.clear()  # a move or cast leaves it stale; the stored weight (host or device) is what moves
+        return super()._apply(fn, recurse)
+
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: Linear | nn.Linear, cfg: QuantConfig) -> QuantLinear:
@@ -51,7 +57,8 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a float weight (out, in) into the buffers (allocated already, on their device and scale dtype).
+        """Quantize a float weight (out, in) into the buffers (allocated already, on their device and scale dtype;
+        `weight_packed` may be on the host, see the module docstring: the GPU kernel repacks on its next use).
         Rows are quantized independently, so a block of rows at a time gives the same tensors while the float
         temporaries stay a fraction of the layer (what keeps quantize-on-load at about one layer of float)."""
         expected = (self.out_features, self.in_features)
@@ -70,44 +77,64 @@ class QuantLinear(nn.Module):
         return {name: getattr(self, name) for name in SUFFIXES}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float weight (out, in) these buffers stand for."""
-        return dequantize_weight(self.packed(), self.cfg, dtype)
+        """The float weight (out, in) these buffers stand for, on the scales' device (formats.dequantize_weight's
+        numbers; from the int8 kernel's copy of the values when the stored weight is on the host)."""
+        p = cached(self.repacked, self.weight_packed, self.weight_scale)
+        w = dequantize_ints(weight_ints(self.weight_packed, self.cfg, p, self.weight_scale.device), self.weight_scale)
+        return w if dtype is None else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.weight_packed, self.weight_scale, self.bias, self.cfg, self.repacked)
+        return quant_linear(x, self.weight_packed, self.weight_scale, self.bias, self.cfg, self.repacked,
+                            self._release)
+
+    def _release(self, host: torch.Tensor) -> None:
+        """Keep the stored weight's host copy instead of the GPU one (kernels.cuda_prepared)."""
+        self.weight_packed = host
 
     @staticmethod
     @torch.no_grad()
     def fuse(layers: list[QuantLinear]) -> FusedQuantProduct | None:
         """For `fuse_projections`: concatenate the layers' packed weights and scales along the output dimension
-        into one product, the layers keeping views into it (memory and state_dict unchanged). None when the
-        layers differ in method, input size or scale dtype, or have a bias."""
+        into one product, the layers keeping views into it (memory and state_dict unchanged; their own GPU copies
+        are dropped, the product's is the one). None when the layers differ in method, input size or scale dtype,
+        or have a bias."""
         first = layers[0]
         if any(m.bias is not None or m.cfg != first.cfg or m.in_features != first.in_features
                or m.weight_scale.dtype != first.weight_scale.dtype for m in layers):
             return None
-        packed = torch.cat([m.weight_packed for m in layers])
+        device = first.weight_scale.device  # a layer's stored weight may be on the host: the product's starts here
+        packed = torch.cat([m.weight_packed.to(device) for m in layers])
         scale = torch.cat([m.weight_scale for m in layers])
         start = 0
         for m in layers:
             n = m.out_features
             m.weight_packed, m.weight_scale = packed[start:start + n], scale[start:start + n]
+            m.repacked.clear()
             start += n
-        return FusedQuantProduct(packed, scale, first.cfg)
+        return FusedQuantProduct(packed, scale, first.cfg, tuple(layers))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, method={self.cfg.method}, "
                 f"group_size={self.cfg.group_size}, bias={self.bias is not None}, tp_style={self.tp_style}")
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FusedQuantProduct:
     """The product of several QuantLinears fused along the output dimension (see `QuantLinear.fuse`)."""
 
     packed: torch.Tensor
     scale: torch.Tensor
     cfg: QuantConfig
-    repacked: dict = field(default_factory=dict, compare=False)  # as QuantLinear.repacked
+    layers: tuple[QuantLinear, ...]  # the fused layers, whose `weight_packed` are views into `packed`
+    repacked: dict = field(default_factory=dict)  # as QuantLinear.repacked
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear(x, self.packed, self.scale, None, self.cfg, self.repacked)
+        return quant_linear(x, self.packed, self.scale, None, self.cfg, self.repacked, self._release)
+
+    def _release(self, host: torch.Tensor) -> None:
+        """Keep the host copy of the fused weight instead of the GPU one, the layers' views pointing into it."""
+        self.packed = host
+        start = 0
+        for m in self.layers:
+            m.weight_packed = host[start:start + m.out_features]
+            start += m.out_features

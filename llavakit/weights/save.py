@@ -308,7 +308,7 @@ def _quantized_with_mean_rows(head: QuantLinear, rows: int) -> QuantLinear:
                         head.weight_scale.dtype)
     mean = head.dequantized_weight().float().mean(dim=0, keepdim=True).to(head.weight_scale.dtype)  # (1, D)
     new = quantize_weight(mean.expand(rows - head.out_features, -1), head.cfg)
-    grown.weight_packed.copy_(torch.cat([head.weight_packed, new["weight_packed"]]))
+    grown.weight_packed.copy_(torch.cat([head.weight_packed.to(grown.weight_packed.device), new["weight_packed"]]))
     grown.weight_scale.copy_(torch.cat([head.weight_scale, new["weight_scale"]]))
     grown.weight_shape.copy_(torch.tensor([rows, head.in_features]))
     return grown
