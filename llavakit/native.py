@@ -12,6 +12,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
+AVX2 = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]  # the kernels' common compile flags (x86, AVX2 + FMA)
+
 
 def compile_library(source: Path, compile_flags: list[str], link_flags: list[str]) -> ctypes.CDLL | None:
     """`source` compiled and linked with the system C compiler into the user's cache (once per source and
@@ -36,3 +40,17 @@ def compile_library(source: Path, compile_flags: list[str], link_flags: list[str
         return ctypes.CDLL(str(path))
     except OSError:  # a cache directory we may not write, a library the loader refuses: the caller falls back
         return None
+
+
+def load_kernels(source: Path, switch: str, signatures: dict[str, list], extra_compile: tuple[str, ...] = (),
+                 link_flags: tuple[str, ...] = ("-shared", "-fopenmp")) -> ctypes.CDLL | None:
+    """An AVX2 kernel library with its functions' argument types set (they return nothing), or None where it
+    cannot run: the environment variable `switch` set to 0, a CPU without AVX2, no C compiler, a failed build."""
+    if os.environ.get(switch, "1") == "0" or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    lib = compile_library(source, [*AVX2, *extra_compile], list(link_flags))
+    if lib is not None:
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+    return lib

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
 
 from llavakit.layers.paged_attention import KVPages, PagedAttentionMetadata, decode_batched, varlen_loop
-from llavakit.native import compile_library
+from llavakit.native import load_kernels
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention_cpu.c"
 # -ffast-math lets the compiler vectorize expf; it is left out of the link, where GCC would add crtfastmath.o,
 # whose constructor switches the whole process to flushing denormals to zero (torch's results would change).
-_COMPILE = ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp", "-fPIC"]
-_LINK = ["-shared", "-fopenmp", "-lm"]
+_LINK = ("-shared", "-fopenmp", "-lm")
 
 # Multiply-adds per thread: below this a step's attention runs on one thread. A parallel region costs a wake-up
 # of every thread, and on a loaded machine a wait for each one to be scheduled (measured: at batch 1, 2 threads
@@ -34,16 +32,10 @@ PARALLEL_GRAIN = 1 << 21
 @functools.cache
 def cpu_library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot run (no AVX2, no C compiler, LLAVAKIT_CPU_ATTENTION=0)."""
-    if os.environ.get("LLAVAKIT_CPU_ATTENTION", "1") == "0" or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    lib = compile_library(_SOURCE, _COMPILE, _LINK)
-    if lib is not None:
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.paged_attention_rows.argtypes = [p, p, p, p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64,
-                                             ctypes.c_float, ctypes.c_int]
-        lib.paged_attention_rows.restype = None
-    return lib
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    return load_kernels(_SOURCE, "LLAVAKIT_CPU_ATTENTION", {
+        "paged_attention_rows": [p, p, p, p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float,
+                                 ctypes.c_int]}, extra_compile=("-ffast-math",), link_flags=_LINK)
 
 
 def kernel_fits(q: torch.Tensor, cache: KVPages) -> bool:

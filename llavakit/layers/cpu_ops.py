@@ -11,37 +11,28 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from pathlib import Path
 
 import torch
 
-from llavakit.native import compile_library
+from llavakit.native import load_kernels
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_ops.c"
-_COMPILE = ["-O3", "-mavx2", "-mfma", "-ffast-math", "-fopenmp", "-fPIC"]  # fast-math: vectorized expf, sums
-_LINK = ["-shared", "-fopenmp", "-lm"]  # no -ffast-math at link time: see cpu_attention.py
 PARALLEL_GRAIN = 1 << 18  # elements per thread: smaller calls run on one thread (a parallel region's wake-up costs)
+_P, _I64, _F32, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
 
 @functools.cache
 def cpu_library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot run (no AVX2, no C compiler, LLAVAKIT_CPU_OPS=0)."""
-    if os.environ.get("LLAVAKIT_CPU_OPS", "1") == "0" or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    lib = compile_library(_SOURCE, _COMPILE, _LINK)
-    if lib is not None:
-        p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        signatures = {"rms_norm": [p, i64, p, p, i64, i64, f32, i32],
-                      "add_rms_norm": [p, i64, p, i64, p, p, p, i64, i64, f32, i32],
-                      "rotary": [p, i64, p, p, p, i64, i64, i64, i32],
-                      "silu_and_mul": [p, i64, p, i64, p, i64, i64, i32],
-                      "quick_gelu": [p, p, i64, i32]}
-        for name, args in signatures.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
-    return lib
+    return load_kernels(_SOURCE, "LLAVAKIT_CPU_OPS", {
+        "rms_norm": [_P, _I64, _P, _P, _I64, _I64, _F32, _I32],
+        "add_rms_norm": [_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _F32, _I32],
+        "rotary": [_P, _I64, _P, _P, _P, _I64, _I64, _I64, _I32],
+        "silu_and_mul": [_P, _I64, _P, _I64, _P, _I64, _I64, _I32],
+        "quick_gelu": [_P, _P, _I64, _I32]},
+        extra_compile=("-ffast-math",),  # vectorized expf and sums
+        link_flags=("-shared", "-fopenmp", "-lm"))  # no -ffast-math at link time: see cpu_attention.py
 
 
 def use_fused(*tensors: torch.Tensor) -> bool:

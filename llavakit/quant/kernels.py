@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llavakit.native import compile_library
+from llavakit.native import load_kernels
 from llavakit.quant.config import QuantConfig
 from llavakit.quant.formats import unpack_ints
 
 _SOURCE = Path(__file__).parent / "csrc" / "qgemv_avx2.c"
-_COMPILE = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC"]
-_LINK = ["-shared", "-fopenmp"]
 CPU_KERNEL_GRAIN = 1 << 21  # weight elements per thread: smaller products run on one thread (fork/join costs more)
 CPU_KERNEL_MAX_ROWS = 32  # measured: at 32 rows still as fast as an fp32 GEMM, the reference 8x slower
 CPU_BLOCK_ROWS = 1024  # output rows dequantized per GEMM: measured against 128, 256 and the whole weight
@@ -300,15 +297,7 @@ def quant_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bia
 @functools.cache
 def _cpu_library() -> ctypes.CDLL | None:
     """The compiled AVX2 kernel, or None where it cannot run (no AVX2, no C compiler): callers fall back."""
-    if os.environ.get("LLAVAKIT_QUANT_CPU_KERNEL", "1") == "0" or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    lib = compile_library(_SOURCE, _COMPILE, _LINK)
-    if lib is None:
-        return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for fn in (lib.qgemv_int8, lib.qgemv_int4):
-        fn.argtypes, fn.restype = [p, p, p, p, i64, i64, i64, i64, i32], None
-    for fn in (lib.dequant_int8, lib.dequant_int4):
-        fn.argtypes, fn.restype = [p, p, p, i64, i64, i64, i64], None
-    return lib
+    gemv, dequant = [p, p, p, p, i64, i64, i64, i64, i32], [p, p, p, i64, i64, i64, i64]
+    return load_kernels(_SOURCE, "LLAVAKIT_QUANT_CPU_KERNEL", {"qgemv_int8": gemv, "qgemv_int4": gemv,
+                                                               "dequant_int8": dequant, "dequant_int4": dequant})
