@@ -67,7 +67,9 @@ def cpu_attention(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,
     if not kernel_fits(q, cache):
         return decode_batched(q, cache, meta, window) if meta.decode_only else varlen_loop(q, cache, meta, window)
     rows, seqs, ends = _single_rows(meta)
-    out = q.new_zeros(q.shape) if meta.decode_only else varlen_loop(q, cache, meta, window, skip_decodes=True)
+    # decode only: the kernel writes every row, so the output needs no zeros first
+    out = torch.empty_like(q, memory_format=torch.contiguous_format) if meta.decode_only else \
+        varlen_loop(q, cache, meta, window, skip_decodes=True)
     if rows.numel():
         q = q.contiguous()
         tables = _tables(meta)

@@ -37,14 +37,17 @@ def cpu_library() -> ctypes.CDLL | None:
 
 def use_fused(*tensors: torch.Tensor) -> bool:
     """Whether these tensors take the kernels: fp32 on the CPU, outside autograd, with the library built."""
-    return (not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    return (not torch.is_grad_enabled() and all(t.is_cpu and t.dtype is torch.float32 for t in tensors)
             and cpu_library() is not None)
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int] | None:
     """(rows, row stride) of x seen as (rows, n) rows of contiguous elements, read in place; None when its
     strides do not allow that. Worked out from the strides: a `view` costs more than the kernel at one row."""
-    shape, strides = x.shape, x.stride()
+    shape = x.shape
+    if x.is_contiguous() and shape[-1]:
+        return x.numel() // shape[-1], shape[-1]
+    strides = x.stride()
     if strides[-1] != 1:
         return None
     rows, row_stride = 1, shape[-1]
@@ -58,6 +61,11 @@ def _rows(x: torch.Tensor) -> tuple[int, int] | None:
     return rows, row_stride
 
 
+def _like(x: torch.Tensor) -> torch.Tensor:
+    """A new contiguous tensor of x's shape and dtype (the kernels write their outputs row after row)."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _threads(elements: int) -> int:
     return max(1, min(torch.get_num_threads(), elements // PARALLEL_GRAIN))
 
@@ -68,7 +76,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if layout is None or not weight.is_contiguous():
         return None
     (rows, stride), n = layout, x.shape[-1]
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = _like(x)
     cpu_library().rms_norm(x.data_ptr(), stride, weight.data_ptr(), out.data_ptr(), rows, n, eps, _threads(rows * n))
     return out
 
@@ -80,7 +88,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     if xl is None or yl is None or x.shape != y.shape or not weight.is_contiguous():
         return None
     (rows, x_stride), (_, y_stride), n = xl, yl, x.shape[-1]
-    total, out = torch.empty(x.shape, dtype=x.dtype), torch.empty(x.shape, dtype=x.dtype)
+    total, out = _like(x), _like(x)
     cpu_library().add_rms_norm(x.data_ptr(), x_stride, y.data_ptr(), y_stride, weight.data_ptr(), total.data_ptr(),
                                out.data_ptr(), rows, n, eps, _threads(rows * n))
     return total, out
@@ -94,7 +102,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     if (x.stride(3) != 1 or x.stride(2) != d or (b > 1 and t > 1 and x.stride(0) != t * x.stride(1)) or d % 2
             or not (cos.is_contiguous() and sin.is_contiguous()) or cos.shape != (b, t, d)):
         return None
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = _like(x)
     cpu_library().rotary(x.data_ptr(), token_stride, cos.data_ptr(), sin.data_ptr(), out.data_ptr(), b * t, h, d,
                          _threads(x.numel()))
     return out
@@ -106,7 +114,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     if gl is None or ul is None or gate.shape != up.shape:
         return None
     (rows, g_stride), (_, u_stride), n = gl, ul, gate.shape[-1]
-    out = torch.empty(gate.shape, dtype=gate.dtype)
+    out = _like(gate)
     cpu_library().silu_and_mul(gate.data_ptr(), g_stride, up.data_ptr(), u_stride, out.data_ptr(), rows, n,
                                _threads(rows * n))
     return out
@@ -116,6 +124,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor | None:
     """x * sigmoid(1.702 x); None unless x is contiguous."""
     if not x.is_contiguous():
         return None
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = _like(x)
     cpu_library().quick_gelu(x.data_ptr(), out.data_ptr(), x.numel(), _threads(x.numel()))
     return out
