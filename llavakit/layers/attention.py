@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llavakit.layers.cpu_attention import cpu_attention
+from llavakit.layers.cpu_attention import write_kv as cpu_write_kv
 from llavakit.layers.paged_attention import (
     KVPages,
     PagedAttentionMetadata,
@@ -33,7 +34,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     if backend is None:
         raise ValueError(f"unknown paged attention backend {meta.backend!r}; choose one of {sorted(BACKENDS)}")
     _, n, h, d = q.shape
-    write_kv(cache, k[0], v[0], meta.slot_mapping, meta.may_skip_slots)
+    if not (meta.backend == "cpu" and cpu_write_kv(cache, k[0], v[0], meta.slot_mapping)):
+        write_kv(cache, k[0], v[0], meta.slot_mapping, meta.may_skip_slots)
     out = backend(q[0], cache, meta, sliding_window)  # (N, H, D)
     return out.reshape(1, n, h * d)
 

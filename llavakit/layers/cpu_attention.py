@@ -35,7 +35,8 @@ def cpu_library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     return load_kernels(_SOURCE, "LLAVAKIT_CPU_ATTENTION", {
         "paged_attention_rows": [p, p, p, p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, ctypes.c_float,
-                                 ctypes.c_int]}, extra_compile=("-ffast-math",), link_flags=_LINK)
+                                 ctypes.c_int],
+        "write_kv_rows": [p, i64, p, i64, p, p, p, i64, i64]}, extra_compile=("-ffast-math",), link_flags=_LINK)
 
 
 def kernel_fits(q: torch.Tensor, cache: KVPages) -> bool:
@@ -44,6 +45,21 @@ def kernel_fits(q: torch.Tensor, cache: KVPages) -> bool:
     return (q.device.type == "cpu" and q.dtype == k_cache.dtype == v_cache.dtype == torch.float32
             and q.shape[-1] % 8 == 0 and k_cache.is_contiguous() and v_cache.is_contiguous()
             and cpu_library() is not None)
+
+
+def write_kv(cache: KVPages, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """Store k/v (N, H_kv, D) at the flattened cache rows `slot_mapping` (N,), -1 skipped, as
+    `paged_attention.write_kv` does, in one call; False (nothing written) where the kernel cannot take them."""
+    k_cache, v_cache = cache
+    n, hk, d = k.shape
+    if not (k.dtype is v.dtype is k_cache.dtype is torch.float32 and k.is_cpu and v.is_cpu
+            and k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == d and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and slot_mapping.dtype is torch.int64 and slot_mapping.is_contiguous()
+            and cpu_library() is not None):
+        return False
+    cpu_library().write_kv_rows(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), k_cache.data_ptr(),
+                                v_cache.data_ptr(), slot_mapping.data_ptr(), n, hk * d)
+    return True
 
 
 def _single_rows(meta: PagedAttentionMetadata) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

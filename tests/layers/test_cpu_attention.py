@@ -10,7 +10,7 @@ import torch
 from llavakit.layers import cpu_attention as cpu_attention_module
 from llavakit.layers.attention import paged_attention
 from llavakit.layers.cpu_attention import cpu_attention, cpu_library
-from llavakit.layers.paged_attention import PagedAttentionMetadata, torch_attention
+from llavakit.layers.paged_attention import PagedAttentionMetadata, torch_attention, write_kv
 
 pytestmark = pytest.mark.skipif(cpu_library() is None, reason="the C kernel does not build here (no cc or no AVX2)")
 
@@ -87,3 +87,22 @@ def test_loading_the_kernel_keeps_denormals():
     assert cpu_library() is not None
     tiny = torch.tensor([1e-39]) * 1.0
     assert tiny.item() != 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["own-tensors", "views-into-qkv"])
+def test_the_kernels_kv_write_equals_index_copy(fused):
+    torch.manual_seed(0)
+    n, h, hkv, d, blocks, bs = 5, 4, 2, 16, 6, 4
+    if fused:  # k and v as the fused q/k/v product's views: rows (h + 2 hkv) * d apart
+        qkv = torch.randn(n, (h + 2 * hkv) * d)
+        _, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
+        k, v = k.view(n, hkv, d), v.view(n, hkv, d)
+    else:
+        k, v = torch.randn(n, hkv, d), torch.randn(n, hkv, d)
+    slots = torch.tensor([3, -1, 17, 0, 22])  # -1: a padding row, skipped
+    mine = tuple(torch.randn(blocks, bs, hkv, d) for _ in range(2))
+    theirs = tuple(c.clone() for c in mine)
+    assert cpu_attention_module.write_kv(mine, k, v, slots)
+    write_kv(theirs, k, v, slots, may_skip=True)
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+    assert not cpu_attention_module.write_kv(mine, k.transpose(1, 2), v, slots)  # heads not contiguous: refused

@@ -114,3 +114,16 @@ void paged_attention_rows(const float *q, const float *kc, const float *vc, cons
         free(scores);
     }
 }
+
+/* The step's new keys and values into the cache: row r of k and v (each `width` = Hkv * D contiguous floats,
+ * rows k_stride / v_stride apart) goes to flattened cache row slots[r]; rows with slot -1 (padding) are skipped.
+ * One call instead of two index_copy_ and their views per layer. */
+void write_kv_rows(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *kc, float *vc,
+                   const int64_t *slots, int64_t n, int64_t width) {
+    for (int64_t r = 0; r < n; r++) {
+        const int64_t s = slots[r];
+        if (s < 0) continue;
+        memcpy(kc + s * width, k + r * k_stride, width * sizeof(float));
+        memcpy(vc + s * width, v + r * v_stride, width * sizeof(float));
+    }
+}
