@@ -146,8 +146,10 @@ def varlen_loop(q: torch.Tensor, cache: KVPages, meta: PagedAttentionMetadata,
         k, v = expand_kv_heads(k, h), expand_kv_heads(v, h)  # (H, ctx, D)
         qs = q[starts[i]:starts[i + 1]].transpose(0, 1)  # (H, q_len, D)
         mask = offset_causal_mask(q_len, ctx, window, q.device)
-        o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, is_causal=mask is None and q_len > 1)
-        out[starts[i]:starts[i + 1]] = o.transpose(0, 1)
+        # 4-D: SDPA's fused CPU kernel takes only (B, H, L, D); 3-D inputs ran its math path at half the speed
+        o = F.scaled_dot_product_attention(qs[None], k[None], v[None], attn_mask=mask,
+                                           is_causal=mask is None and q_len > 1)
+        out[starts[i]:starts[i + 1]] = o[0].transpose(0, 1)
     return out
 
 
