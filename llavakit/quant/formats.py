@@ -111,11 +111,14 @@ def unpack_weight(tensors: dict[str, torch.Tensor], cfg: QuantConfig) -> torch.T
 def dequantize_weight(tensors: dict[str, torch.Tensor], cfg: QuantConfig, dtype: torch.dtype | None = None
                       ) -> torch.Tensor:
     """Packed tensors -> the float weight (out, in): q * scale in the scale's dtype, then cast to `dtype`."""
-    q = unpack_weight(tensors, cfg)
-    scale = tensors["weight_scale"]
-    out, n = q.shape
-    w = (q.view(out, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)).view(out, n)
+    w = dequantize_ints(unpack_weight(tensors, cfg), tensors["weight_scale"])
     return w if dtype is None else w.to(dtype)
+
+
+def dequantize_ints(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int values q (out, in) and scales (out, groups) -> the float weight (out, in) in the scales' dtype."""
+    out, n = q.shape
+    return (q.view(out, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)).view(out, n)
 
 
 # Module names kept in float, as llm-compressor's LLaVA examples write them (regexes over llava-hf names).

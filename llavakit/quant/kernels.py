@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from llavakit.native import load_kernels
 from llavakit.quant.config import QuantConfig
-from llavakit.quant.formats import unpack_ints
+from llavakit.quant.formats import dequantize_ints, unpack_ints
 
 _SOURCE = Path(__file__).parent / "csrc" / "qgemv_avx2.c"
 CPU_KERNEL_GRAIN = 1 << 21  # weight elements per thread: smaller products run on one thread (fork/join costs more)
@@ -58,12 +58,6 @@ def dequantized_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bi
                        ) -> torch.Tensor:
     """x (..., in) times the weight's int values q (out, in) dequantized with `scale`, cast to x's dtype."""
     return F.linear(x, dequantize_ints(q, scale).to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
-def dequantize_ints(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """int values q (out, in) and scales (out, groups) -> the float weight (out, in) in the scales' dtype."""
-    out, n = q.shape
-    return (q.view(out, scale.shape[1], -1).to(scale.dtype) * scale.unsqueeze(-1)).view(out, n)
 
 
 def cpu_kernel(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

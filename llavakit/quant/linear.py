@@ -15,8 +15,8 @@ from torch import nn
 
 from llavakit.layers.linear import TP_STYLES, Linear
 from llavakit.quant.config import QuantConfig
-from llavakit.quant.formats import SUFFIXES, packed_shapes, quantize_weight
-from llavakit.quant.kernels import cached, dequantize_ints, quant_linear, weight_ints
+from llavakit.quant.formats import SUFFIXES, dequantize_ints, packed_shapes, quantize_weight
+from llavakit.quant.kernels import cached, quant_linear, weight_ints
 
 ROWS_PER_BLOCK = 512  # a 4096-wide float32 block is 8 MiB: quantizing it costs a few times that, not a layer's worth
 
