@@ -54,7 +54,9 @@ def interleaved(cands: dict, rounds: int) -> dict[str, dict[str, float]]:
     return {k: {"min_ms": round(min(v), 3), "median_ms": round(statistics.median(v), 3)} for k, v in times.items()}
 
 
-def layer_candidates(out: int, k: int, rows: int, attempts: bool) -> dict:
+def candidates(out: int, k: int, rows: int, name: str, fits, fast) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """float32 and bfloat16 F.linear, and for W8A16 and W4A16 the reference and the fast path `fast` (labelled
+    `name`) where `fits(x, packed, cfg)`; with the float weight and input they were built from."""
     w = torch.randn(out, k) * 0.02
     x = torch.randn(rows, k)
     wb, xb = w.bfloat16(), x.bfloat16()
@@ -63,8 +65,14 @@ def layer_candidates(out: int, k: int, rows: int, attempts: bool) -> dict:
         t = formats.quantize_weight(w, cfg)
         p, s = t["weight_packed"], t["weight_scale"]
         cands[f"{cfg.method} reference"] = lambda p=p, s=s, cfg=cfg: kernels.reference(x, p, s, None, cfg)
-        if kernels.cpu_kernel_fits(x, p, cfg) or rows > kernels.CPU_KERNEL_MAX_ROWS:
-            cands[f"{cfg.method} avx2 kernel"] = lambda p=p, s=s, cfg=cfg: kernels.cpu_kernel(x, p, s, None, cfg)
+        if fits(x, p, cfg):
+            cands[f"{cfg.method} {name}"] = lambda p=p, s=s, cfg=cfg: fast(x, p, s, None, cfg)
+    return cands, w, x
+
+
+def layer_candidates(out: int, k: int, rows: int, attempts: bool) -> dict:
+    cands, w, x = candidates(out, k, rows, "avx2 kernel", lambda x, p, cfg: kernels.cpu_kernel_fits(x, p, cfg)
+                             or rows > kernels.CPU_KERNEL_MAX_ROWS, kernels.cpu_kernel)
     q8 = formats.unpack_weight(formats.quantize_weight(w, QuantConfig("w8a16")), QuantConfig("w8a16"))
     s8 = formats.compute_scale(w, QuantConfig("w8a16")).squeeze(1)
     cands["w8a16 torch._weight_int8pack_mm"] = lambda: torch._weight_int8pack_mm(x, q8, s8)
@@ -86,17 +94,7 @@ def layer_bench(rounds: int, attempts: bool) -> list[dict]:
 
 
 def prefill_candidates(out: int, k: int, rows: int) -> dict:
-    w = torch.randn(out, k) * 0.02
-    x = torch.randn(rows, k)
-    wb, xb = w.bfloat16(), x.bfloat16()
-    cands = {"float32": lambda: F.linear(x, w), "bfloat16": lambda: F.linear(xb, wb)}
-    for cfg in (QuantConfig("w8a16"), QuantConfig("w4a16")):
-        t = formats.quantize_weight(w, cfg)
-        p, s = t["weight_packed"], t["weight_scale"]
-        cands[f"{cfg.method} reference"] = lambda p=p, s=s, cfg=cfg: kernels.reference(x, p, s, None, cfg)
-        if kernels.cpu_blocked_fits(x, p, cfg):
-            cands[f"{cfg.method} blocked"] = lambda p=p, s=s, cfg=cfg: kernels.cpu_blocked(x, p, s, None, cfg)
-    return cands
+    return candidates(out, k, rows, "blocked", kernels.cpu_blocked_fits, kernels.cpu_blocked)[0]
 
 
 def prefill_bench(rounds: int) -> list[dict]:
